@@ -1,0 +1,39 @@
+"""The ``adadamp`` command: ``train``, ``compare`` and ``simulate``.
+
+Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
+used so that ``adadamp --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("adadamp.experiments.train", "train one model on an embedded default and print the per-epoch table"),
+    "compare": ("adadamp.experiments.compare", "train one model under the Smith et al. schedules and plot them"),
+    "simulate": ("adadamp.simulate_cli", "estimate the wall-clock time of a run under a network"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adadamp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported.
+        if name in argv:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    module_name = SUBCOMMANDS[args.command][0]
+    return int(importlib.import_module(module_name).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
