@@ -89,3 +89,47 @@ def check_finite(loss: float, update: int, batch_size: int, lr: float) -> None:
             f"(batch size {batch_size}, learning rate {lr:.4g}). "
             "Lower the learning rate or start from a larger batch size."
         )
+
+
+@torch.no_grad()
+def loss_sum(
+    module: nn.Module, criterion: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int
+) -> float:
+    """Summed loss over ``X, y`` in eval mode, ``chunk`` examples at a time."""
+    was_training = module.training
+    module.eval()
+    total = 0.0
+    for start in range(0, len(X), chunk):
+        xb, yb = X[start : start + chunk], y[start : start + chunk]
+        total += float(criterion(module(xb), yb)) * len(xb)
+    module.train(was_training)
+    return total
+
+
+def loss_indices(seed: int, model_updates: int, n: int, fraction: float) -> np.ndarray:
+    """The examples over which a damper's training loss is estimated.
+
+    All of them for ``fraction == 1``; otherwise a fresh random subset per
+    evaluation, seeded so that every engine picks the same one.
+    """
+    if fraction >= 1:
+        return np.arange(n)
+    size = max(1, round(fraction * n))
+    return np.sort(np.random.default_rng([seed, model_updates, 1]).choice(n, size, replace=False))
+
+
+def gradient_stats(mean_grad_sq_norm: float, worker_sq_norm_sum: float, workers: int,
+                   batch_size: int) -> dict[str, float]:
+    """Scalars a damper may read about the last update's gradient.
+
+    ``grad_sq_norm`` is the squared norm of the update's mean gradient;
+    ``worker_grad_sq_norm`` the mean over workers of each worker's own mean
+    gradient's squared norm, over ``worker_batch_size`` examples. Two batch
+    sizes with their squared norms are what the gradient noise scale
+    (McCandlish et al., 2018) is estimated from, at no extra pass.
+    """
+    return {
+        "grad_sq_norm": mean_grad_sq_norm,
+        "worker_grad_sq_norm": worker_sq_norm_sum / workers,
+        "worker_batch_size": batch_size / workers,
+    }

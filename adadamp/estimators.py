@@ -1,0 +1,281 @@
+"""scikit-learn estimators over a PyTorch module that grow the batch size as they train.
+
+``DaskClassifier`` and ``DaskRegressor`` are skorch nets: they keep skorch's
+parameter routing (``module__*``, ``optimizer__*``), callbacks, ``history_``
+and ``save_params``/``load_params``. What they add is the batch size: an
+``int``, or a damper (``batch_size=GeoDamp, batch_size__factor=5``) whose
+requested batch size drives every model update, and an engine (``backend``)
+that computes those updates in this process or on a Dask cluster.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
+from skorch.callbacks import PrintLog
+from skorch.utils import to_tensor
+from tqdm.auto import tqdm
+
+from ._tensors import dataset_to_tensors, match_dtype
+from ._validation import check_estimator_params, check_training_data
+from .dampers import BaseDamper, TrainState, resolve_damper
+from .engines import Engine, TrainConfig, UpdateRecord, make_engine
+
+# Batch size of prediction and validation passes: only memory depends on it.
+PREDICT_BATCH_SIZE = 1024
+
+# Per-update records kept in ``history_[epoch]["batches"]``.
+UPDATE_KEYS = ("damping", "lr", "workers", "duration")
+
+
+def _current_dask_client():
+    """The Dask client this process already has, or None (Dask is imported lazily)."""
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+class _DampedNetMixin:
+    """What DaskClassifier and DaskRegressor add to their skorch base class."""
+
+    prefixes_ = NeuralNet.prefixes_ + ["batch_size"]
+
+    def _init_damped_params(self, *, max_batch_size, grads_per_worker, min_workers, max_workers,
+                            worker_max_batch_size, backend, client, random_state):
+        self.max_batch_size = max_batch_size
+        self.grads_per_worker = grads_per_worker
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.worker_max_batch_size = worker_max_batch_size
+        self.backend = backend
+        self.client = client
+        self.random_state = random_state
+
+    @property
+    def _default_callbacks(self):
+        # The resume snapshot is a dict: keep it out of the printed table.
+        return [
+            (name, PrintLog(keys_ignored=["train_state", "epochs", "examples"]))
+            if name == "print_log" else (name, cb)
+            for name, cb in super()._default_callbacks
+        ]
+
+    # ------------------------------------------------------------ setup
+    def initialize(self):
+        super().initialize()
+        self.damper_: BaseDamper | None = None
+        self.train_state_: TrainState | None = None
+        self.seed_: int | None = None
+        return self
+
+    def _resolve_damper(self) -> BaseDamper:
+        if getattr(self, "damper_", None) is None:
+            self.damper_ = resolve_damper(self.batch_size, self.get_params_for("batch_size"))
+        return self.damper_
+
+    def _resume_or_start_state(self, n_examples: int) -> TrainState:
+        """The training state to continue from: in memory, in a loaded history, or fresh."""
+        if self.train_state_ is not None:
+            if self.train_state_.n_examples != n_examples:
+                # Epoch arithmetic is per training-set size: keep the counters, re-base n.
+                self.train_state_.n_examples = n_examples
+            return self.train_state_
+        snapshot = None
+        for row in reversed(self.history):
+            if "train_state" in row:
+                snapshot = row["train_state"]
+                break
+        if snapshot is not None:
+            state = TrainState(n_examples, snapshot["model_updates"], snapshot["examples"])
+            self.damper_.load_state_dict(snapshot["damper"])
+            self.seed_ = snapshot["seed"]
+        else:
+            state = TrainState(n_examples)
+            self.seed_ = (
+                int(self.random_state) if self.random_state is not None
+                else int(np.random.default_rng().integers(2**31 - 1))
+            )
+        self.train_state_ = state
+        return state
+
+    def _resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if self.client is not None or _current_dask_client() is not None:
+            return "decentralized"
+        return "local"
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            seed=self.seed_,
+            max_batch_size=self.max_batch_size,
+            worker_max_batch_size=self.worker_max_batch_size,
+            grads_per_worker=self.grads_per_worker,
+            min_workers=self.min_workers,
+            max_workers=self.max_workers,
+            device=str(self.device),
+        )
+
+    def _training_tensors(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        X, y = dataset_to_tensors(dataset)
+        return match_dtype(X, self.module_), self._prepare_target(y)
+
+    # ------------------------------------------------------------ training
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """Train for ``epochs`` epochs (default ``max_epochs``), growing the batch size.
+
+        All input checks run before any engine or cluster work starts.
+        """
+        check_estimator_params(self)
+        check_training_data(X, y)
+        self.check_data(X, y)
+        self.check_training_readiness()
+        damper = self._resolve_damper()
+        epochs = epochs if epochs is not None else self.max_epochs
+
+        dataset_train, dataset_valid = self.get_split_datasets(X, y, **fit_params)
+        X_train, y_train = self._training_tensors(dataset_train)
+        state = self._resume_or_start_state(len(X_train))
+        iterator_valid = None
+        if dataset_valid is not None:
+            iterator_valid = self.get_iterator(dataset_valid, training=False)
+        on_epoch_kwargs = {"dataset_train": dataset_train, "dataset_valid": dataset_valid}
+
+        engine = make_engine(self._resolved_backend(), self._train_config(), self.client)
+        try:
+            engine.start(self.module_, self.optimizer_, self.criterion_, X_train, y_train)
+            for _ in range(epochs):
+                self.notify("on_epoch_begin", **on_epoch_kwargs)
+                self._train_one_epoch(engine, damper, state)
+                self.run_single_epoch(iterator_valid, training=False, prefix="valid",
+                                      step_fn=self.validation_step, **fit_params)
+                self.notify("on_epoch_end", **on_epoch_kwargs)
+        finally:
+            engine.close()
+        return self
+
+    def _train_one_epoch(self, engine: Engine, damper: BaseDamper, state: TrainState) -> None:
+        history = self.history
+        # Epochs always consume whole permutations, so this is an integer.
+        epoch_index = round(state.epochs)
+        bar = tqdm(total=state.n_examples, desc=f"epoch {len(history)}", unit="ex",
+                   leave=False, disable=not self.verbose)
+
+        def on_update(record: UpdateRecord) -> None:
+            history.new_batch()
+            history.record_batch("train_loss", record.loss)
+            history.record_batch("train_batch_size", record.batch_size)
+            for key in UPDATE_KEYS:
+                history.record_batch(key, getattr(record, key))
+            bar.update(record.batch_size)
+            bar.set_postfix(batch_size=record.batch_size, loss=f"{record.loss:.4g}")
+
+        with bar:
+            engine.run_epoch(epoch_index, damper, state, on_update)
+        updates = history[-1, "batches"]
+        history.record("train_batch_count", len(updates))
+        history.record("batch_size", max(u["train_batch_size"] for u in updates))
+        history.record("lr", updates[-1]["lr"])
+        history.record("workers", max(u["workers"] for u in updates))
+        history.record("model_updates", state.model_updates)
+        history.record("examples", state.examples_seen)
+        history.record("epochs", state.epochs)
+        history.record("train_state", {
+            "model_updates": state.model_updates,
+            "examples": state.examples_seen,
+            "seed": self.seed_,
+            "damper": damper.state_dict(),
+        })
+
+    # ------------------------------------------------------------ prediction
+    def get_iterator(self, dataset, training=False):
+        # ``batch_size`` may be a damper: prediction passes use a fixed size.
+        prefix = "iterator_train" if training else "iterator_valid"
+        kwargs = self.get_params_for(prefix)
+        kwargs.setdefault("batch_size", self.worker_max_batch_size or PREDICT_BATCH_SIZE)
+        iterator = self.iterator_train if training else self.iterator_valid
+        return iterator(dataset, **kwargs)
+
+    def infer(self, x, **fit_params):
+        if not isinstance(x, dict):
+            x = match_dtype(to_tensor(x, device=self.device), self.module_)
+        return super().infer(x, **fit_params)
+
+
+_DAMPED_DOC = """
+    Added parameters
+    ----------------
+    batch_size : int, damper instance or damper class, default=32
+        The batch size of every model update: a constant ``int``, or a damper
+        from :mod:`adadamp.dampers` (a class is built from ``batch_size__*``
+        parameters, e.g. ``batch_size=GeoDamp, batch_size__factor=5``).
+    max_batch_size : int or None, default=None
+        Above it the update uses ``max_batch_size`` examples and the learning
+        rate ``lr * max_batch_size / B`` instead.
+    grads_per_worker : int, default=32
+        Examples per worker: ``ceil(B / grads_per_worker)`` workers are wanted.
+    min_workers, max_workers : int, default=1 and None
+        Bounds on the number of workers.
+    worker_max_batch_size : int or None, default=None
+        Largest micro-batch one worker computes at once; larger slices
+        accumulate gradients over several.
+    backend : {"auto", "local", "centralized", "decentralized"}, default="auto"
+        Who computes the updates. ``"auto"`` is ``"decentralized"`` when a
+        ``client`` is given or a Dask client exists, else ``"local"``.
+    client : distributed.Client, scheduler address or None, default=None
+        The Dask cluster; with None the current client, else an embedded
+        ``LocalCluster`` that lives for one fit.
+    random_state : int or None, default=None
+        Seeds the order of examples in every epoch.
+"""
+
+
+class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
+    __doc__ = ("Classifier over a PyTorch module that outputs logits (cross-entropy loss).\n"
+               + _DAMPED_DOC + "\n    Other parameters are skorch's ``NeuralNetClassifier``'s.\n")
+
+    def __init__(self, module, *args, criterion=torch.nn.CrossEntropyLoss, batch_size=32,
+                 max_batch_size=None, grads_per_worker=32, min_workers=1, max_workers=None,
+                 worker_max_batch_size=None, backend="auto", client=None, random_state=None,
+                 **kwargs):
+        super().__init__(module, *args, criterion=criterion, batch_size=batch_size, **kwargs)
+        self._init_damped_params(
+            max_batch_size=max_batch_size, grads_per_worker=grads_per_worker,
+            min_workers=min_workers, max_workers=max_workers,
+            worker_max_batch_size=worker_max_batch_size, backend=backend, client=client,
+            random_state=random_state)
+
+    def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
+        return y.long()
+
+
+class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
+    __doc__ = ("Regressor over a PyTorch module (mean squared error, no validation split).\n"
+               + _DAMPED_DOC + "\n    Other parameters are skorch's ``NeuralNetRegressor``'s.\n")
+
+    def __init__(self, module, *args, criterion=torch.nn.MSELoss, train_split=None, batch_size=32,
+                 max_batch_size=None, grads_per_worker=32, min_workers=1, max_workers=None,
+                 worker_max_batch_size=None, backend="auto", client=None, random_state=None,
+                 **kwargs):
+        super().__init__(module, *args, criterion=criterion, train_split=train_split,
+                         batch_size=batch_size, **kwargs)
+        self._init_damped_params(
+            max_batch_size=max_batch_size, grads_per_worker=grads_per_worker,
+            min_workers=min_workers, max_workers=max_workers,
+            worker_max_batch_size=worker_max_batch_size, backend=backend, client=client,
+            random_state=random_state)
+
+    def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
+        return match_dtype(y, self.module_)
+
+    def get_loss(self, y_pred, y_true, *args, **kwargs):
+        # Targets often arrive as float64 from scikit-learn; the module is float32.
+        y_true = to_tensor(y_true, device=self.device)
+        if y_true.is_floating_point():
+            y_true = y_true.to(y_pred.dtype)
+        return super().get_loss(y_pred, y_true, *args, **kwargs)
