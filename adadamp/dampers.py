@@ -12,11 +12,16 @@ Dampers that decay the learning rate instead of growing the batch
 ``max_batch_size`` equal to their initial batch size: the max-batch-size rule
 then turns every requested growth by ``r`` into a learning rate divided by
 ``r``. One rule serves both families.
+
+Estimators turn their ``batch_size`` parameter (and the ``batch_size__*``
+parameters routed to it) into a damper with :func:`resolve_damper`.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +49,15 @@ class TrainState:
         return self.examples_seen / self.n_examples
 
 
+def _param_names(cls: type) -> list[str]:
+    """Constructor parameters of a damper class, in signature order."""
+    return [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
 class BaseDamper:
     """Base class of every batch-size policy.
 
@@ -56,6 +70,10 @@ class BaseDamper:
       ``state.grad_stats`` of the previous update.
     - ``adaptive``: the batch sizes depend on the model (so an engine cannot
       plan several updates ahead).
+
+    Following scikit-learn, constructor parameters are stored under their own
+    names and learned state under names ending in ``_``; both go into
+    :meth:`state_dict`.
     """
 
     needs_loss: bool = False
@@ -80,41 +98,82 @@ class BaseDamper:
 
     def get_params(self) -> dict[str, Any]:
         """Constructor parameters, by name (as scikit-learn estimators do)."""
-        names = [
-            p.name
-            for p in inspect.signature(type(self).__init__).parameters.values()
-            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
-        ]
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in _param_names(type(self))}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: parameters and learned state."""
-        return {k: v for k, v in vars(self).items()}
+        # A copy, so that a saved state does not change when training goes on.
+        return copy.deepcopy(vars(self))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+        """Restore what :meth:`state_dict` returned (parameters included)."""
+        vars(self).update(copy.deepcopy(dict(state)))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
 
-def _check_positive(name: str, value: float, owner: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{owner}: {name} must be a number > 0, got {value!r}.")
+# ---------------------------------------------------------------------------
+# Parameter checks. Each names the damper and the parameter, because the
+# message is what a user of ``batch_size__<name>=...`` sees.
+
+
+def _is_real(value: Any) -> bool:
+    # bool is an int subclass, but ``factor=True`` is a mistake, not a 1.
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _check_positive(name: str, value: Any, owner: str) -> None:
+    if not (_is_real(value) and value > 0):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}.")
+
+
+def _check_at_least(name: str, value: Any, low: float, owner: str) -> None:
+    if not (_is_real(value) and value >= low):
+        raise ValueError(f"{owner}: {name} must be a finite number >= {low}, got {value!r}.")
+
+
+def _check_int_at_least(name: str, value: Any, low: int, owner: str) -> None:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}.")
+
+
+def _check_finite(name: str, value: Any, owner: str) -> None:
+    if not _is_real(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}.")
+
+
+def _lr_cap(initial: float) -> int:
+    # Rounded the way plan_update rounds a request, so that the first update
+    # of a learning-rate damper runs at the full learning rate.
+    return max(1, math.ceil(initial - 1e-9))
+
+
+# ---------------------------------------------------------------------------
+# Schedules: pure functions of the state.
 
 
 class Constant(BaseDamper):
-    """A constant batch size: what an ``int`` given as ``batch_size`` becomes."""
+    """A constant batch size: what an ``int`` given as ``batch_size`` becomes.
+
+    ``B = initial``.
+
+    Parameters
+    ----------
+    initial : int, default=32
+        The batch size of every update (>= 1).
+    """
 
     def __init__(self, initial: int = 32):
         self.initial = initial
 
     def validate(self) -> None:
-        if not isinstance(self.initial, int) or isinstance(self.initial, bool) or self.initial < 1:
-            raise ValueError(
-                f"batch_size must be an int >= 1 or a damper, got {self.initial!r}."
-            )
+        _check_int_at_least("initial", self.initial, 1, type(self).__name__)
 
     def damping(self, state: TrainState) -> float:
         return self.initial
@@ -123,12 +182,13 @@ class Constant(BaseDamper):
 class GeoDamp(BaseDamper):
     """Grow the batch size geometrically with the epochs.
 
-    ``B = initial * factor ** floor(e / delay)``, ``e`` the epochs completed.
+    ``B = initial * factor ** floor(e / delay)``, ``e`` the epochs completed
+    (a float: examples processed / n).
 
     Parameters
     ----------
     initial : int, default=128
-        Batch size of the first ``delay`` epochs.
+        Batch size of the first ``delay`` epochs (> 0).
     delay : float, default=60
         Epochs between two increases (> 0).
     factor : float, default=5
@@ -144,8 +204,7 @@ class GeoDamp(BaseDamper):
         owner = type(self).__name__
         _check_positive("initial", self.initial, owner)
         _check_positive("delay", self.delay, owner)
-        if not isinstance(self.factor, (int, float)) or not self.factor >= 1:
-            raise ValueError(f"{owner}: factor must be >= 1, got {self.factor!r}.")
+        _check_at_least("factor", self.factor, 1, owner)
 
     def damping(self, state: TrainState) -> float:
         # A tiny tolerance keeps epoch boundaries (e == 2.0 exactly) on the right side.
@@ -157,12 +216,383 @@ class GeoDampLR(GeoDamp):
     """Decay the learning rate by ``factor`` every ``delay`` epochs; batch stays ``initial``.
 
     The "decay the learning rate" baseline of Smith et al.: ``GeoDamp``'s
-    requested batch size with a built-in cap at ``initial``.
+    requested batch size ``initial * factor ** floor(e / delay)`` with a
+    built-in cap at ``initial``, so the update uses ``B = initial`` and the
+    learning rate is multiplied by ``factor ** -floor(e / delay)``.
+
+    Parameters
+    ----------
+    initial : int, default=128
+        The batch size of every update (> 0).
+    delay : float, default=60
+        Epochs between two decays (> 0).
+    factor : float, default=5
+        Division of the learning rate per decay (>= 1).
     """
 
     @property
     def max_batch_size(self) -> int | None:
-        return int(self.initial)
+        return _lr_cap(self.initial)
+
+
+class PadaDamp(BaseDamper):
+    """Grow the batch size linearly with the model updates.
+
+    ``B = ceil(initial + rate * k)``, ``k`` the model updates done so far.
+
+    Parameters
+    ----------
+    initial : int, default=32
+        Batch size of the first update (> 0).
+    rate : float, default=1.0
+        Examples added per model update (>= 0).
+    """
+
+    def __init__(self, initial: int = 32, rate: float = 1.0):
+        self.initial = initial
+        self.rate = rate
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        _check_positive("initial", self.initial, owner)
+        _check_at_least("rate", self.rate, 0, owner)
+
+    def damping(self, state: TrainState) -> float:
+        # plan_update takes the ceiling.
+        return self.initial + self.rate * state.model_updates
+
+
+class CntsDampLR(BaseDamper):
+    """Keep the batch size and decay the learning rate like ``1 / k``.
+
+    Written as a request for ``initial * (1 + rate * k)`` examples with a
+    built-in cap at ``initial``: the update uses ``B = initial`` and the
+    learning rate is multiplied by ``1 / (1 + rate * k)``, ``k`` the model
+    updates done so far.
+
+    Parameters
+    ----------
+    initial : int, default=32
+        The batch size of every update (> 0).
+    rate : float, default=0.01
+        Decay speed (>= 0); 0 keeps the learning rate constant.
+    """
+
+    def __init__(self, initial: int = 32, rate: float = 0.01):
+        self.initial = initial
+        self.rate = rate
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return _lr_cap(self.initial)
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        _check_positive("initial", self.initial, owner)
+        _check_at_least("rate", self.rate, 0, owner)
+
+    def damping(self, state: TrainState) -> float:
+        return self.initial * (1 + self.rate * state.model_updates)
+
+
+class GradientDescent(BaseDamper):
+    """Full-batch gradient descent: one update per epoch.
+
+    ``B = n``, the number of training examples.
+    """
+
+    def __init__(self) -> None:
+        pass
+
+    def damping(self, state: TrainState) -> float:
+        return state.n_examples
+
+
+# ---------------------------------------------------------------------------
+# Adaptive dampers: the batch size follows the model.
+
+
+class AdaDamp(BaseDamper):
+    """Grow the batch size as the training loss falls (Algorithm 1 of AdaDamp).
+
+    ``B = ceil(initial * (F0 - F*) / (Fk - F*))``, where ``Fk`` is the mean
+    loss over the training set at update ``k``, ``F0`` the first one seen and
+    ``F*`` is ``best_loss``. The engine evaluates ``Fk`` (on a fraction
+    ``loss_fraction`` of the training set) only when ``k % dwell == 0``;
+    between two evaluations the batch size is held.
+
+    If ``Fk - F*`` is not a positive finite number (the loss reached
+    ``best_loss``, or is NaN/infinite) the formula has no meaningful value,
+    and the previous batch size is held. ``F0 <= F*`` raises ``ValueError``:
+    ``best_loss`` must lie below the initial loss.
+
+    Parameters
+    ----------
+    initial : int, default=32
+        Batch size while the loss equals the initial loss (> 0).
+    dwell : int, default=1
+        Model updates between two evaluations of the training loss (>= 1).
+    best_loss : float, default=0.0
+        ``F*``, a lower bound of the training loss (0 for most losses).
+    loss_fraction : float, default=1.0
+        Fraction of the training set over which ``Fk`` is estimated, in (0, 1].
+
+    Attributes
+    ----------
+    initial_loss_ : float or None
+        ``F0``, the first training loss seen.
+    batch_size_ : float or None
+        The batch size requested at the last evaluation.
+    """
+
+    needs_loss = True
+    adaptive = True
+
+    def __init__(
+        self,
+        initial: int = 32,
+        dwell: int = 1,
+        best_loss: float = 0.0,
+        loss_fraction: float = 1.0,
+    ):
+        self.initial = initial
+        self.dwell = dwell
+        self.best_loss = best_loss
+        self.loss_fraction = loss_fraction
+        self.initial_loss_: float | None = None
+        self.batch_size_: float | None = None
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        _check_positive("initial", self.initial, owner)
+        _check_int_at_least("dwell", self.dwell, 1, owner)
+        _check_finite("best_loss", self.best_loss, owner)
+        if not (_is_real(self.loss_fraction) and 0 < self.loss_fraction <= 1):
+            raise ValueError(
+                f"{owner}: loss_fraction must be in (0, 1], got {self.loss_fraction!r}."
+            )
+
+    def loss_due(self, state: TrainState) -> bool:
+        return state.model_updates % self.dwell == 0
+
+    def damping(self, state: TrainState) -> float:
+        if self.batch_size_ is not None and not self.loss_due(state):
+            return self.batch_size_
+        loss = state.train_loss
+        if loss is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs state.train_loss at update "
+                f"{state.model_updates}, and the engine did not evaluate it."
+            )
+        if self.initial_loss_ is None:
+            if not (_is_real(loss) and loss > self.best_loss):
+                raise ValueError(
+                    f"{type(self).__name__}: best_loss ({self.best_loss!r}) must be below "
+                    f"the initial training loss ({loss!r}); lower best_loss."
+                )
+            self.initial_loss_ = float(loss)
+        gap = loss - self.best_loss
+        if _is_real(gap) and gap > 0:
+            self.batch_size_ = self.initial * (self.initial_loss_ - self.best_loss) / gap
+        # Otherwise hold the last batch size (see the class docstring).
+        return self.initial if self.batch_size_ is None else self.batch_size_
+
+
+class RadaDamp(BaseDamper):
+    """AdaDamp without passes over the training set: follow a moving average.
+
+    Each update adds its signal ``x_k`` to an exponential moving average,
+    ``m_k = rho * m_{k-1} + (1 - rho) * x_k`` (the first average is ``x_1``
+    itself). The signal is the previous update's batch loss
+    (``signal="loss"``) or the squared norm of its mean gradient
+    (``signal="grad_norm"``). Then
+
+    - ``signal="loss"``: ``B = ceil(initial * m0 / (m_k - F*))``, with
+      ``m0 = m_1 - F*`` and ``F* = best_loss``;
+    - ``signal="grad_norm"``: ``B = ceil(initial * m0 / m_k)``, with
+      ``m0 = m_1``.
+
+    Before the first update there is no signal and ``B = initial``. If the
+    denominator is not a positive finite number the previous batch size is
+    held, and a non-finite signal is left out of the average. ``m0 <= 0``
+    raises ``ValueError``.
+
+    Parameters
+    ----------
+    initial : int, default=32
+        Batch size of the first updates (> 0).
+    rho : float, default=0.9
+        Weight of the past in the moving average, in [0, 1); 0 uses the last
+        signal alone.
+    best_loss : float, default=0.0
+        ``F*``, a lower bound of the loss (``signal="loss"`` only).
+    signal : {"loss", "grad_norm"}, default="loss"
+        What the moving average follows.
+
+    Attributes
+    ----------
+    average_ : float or None
+        ``m_k``, the moving average of the signal.
+    initial_gap_ : float or None
+        ``m0``.
+    batch_size_ : float or None
+        The batch size requested at the last update.
+    updates_seen_ : int or None
+        The update count whose signal was last added (so that calling
+        :meth:`damping` twice for one update counts its signal once).
+    """
+
+    needs_grad_stats = True
+    adaptive = True
+    signals = ("loss", "grad_norm")
+
+    def __init__(
+        self,
+        initial: int = 32,
+        rho: float = 0.9,
+        best_loss: float = 0.0,
+        signal: str = "loss",
+    ):
+        self.initial = initial
+        self.rho = rho
+        self.best_loss = best_loss
+        self.signal = signal
+        self.average_: float | None = None
+        self.initial_gap_: float | None = None
+        self.batch_size_: float | None = None
+        self.updates_seen_: int | None = None
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        _check_positive("initial", self.initial, owner)
+        if not (_is_real(self.rho) and 0 <= self.rho < 1):
+            raise ValueError(f"{owner}: rho must be in [0, 1), got {self.rho!r}.")
+        _check_finite("best_loss", self.best_loss, owner)
+        if self.signal not in self.signals:
+            raise ValueError(
+                f"{owner}: signal must be one of {', '.join(map(repr, self.signals))}, "
+                f"got {self.signal!r}."
+            )
+
+    def _read_signal(self, state: TrainState) -> float | None:
+        if state.last_loss is None:
+            return None  # no update yet (or a resumed state without one)
+        if self.signal == "loss":
+            return state.last_loss
+        if "grad_sq_norm" not in state.grad_stats:
+            raise RuntimeError(
+                f"{type(self).__name__}(signal='grad_norm') needs "
+                "state.grad_stats['grad_sq_norm'], and the engine did not provide it."
+            )
+        return state.grad_stats["grad_sq_norm"]
+
+    def damping(self, state: TrainState) -> float:
+        value = self._read_signal(state)
+        if value is not None and state.model_updates != self.updates_seen_ and _is_real(value):
+            self.updates_seen_ = state.model_updates
+            if self.average_ is None:
+                self.average_ = float(value)
+            else:
+                self.average_ = self.rho * self.average_ + (1 - self.rho) * value
+            offset = self.best_loss if self.signal == "loss" else 0.0
+            gap = self.average_ - offset
+            if self.initial_gap_ is None:
+                if not gap > 0:
+                    raise ValueError(
+                        f"{type(self).__name__}: the first {self.signal} signal "
+                        f"({self.average_!r}) must exceed "
+                        + ("best_loss; lower best_loss." if self.signal == "loss" else "0.")
+                    )
+                self.initial_gap_ = gap
+            if _is_real(gap) and gap > 0:
+                self.batch_size_ = self.initial * self.initial_gap_ / gap
+        return self.initial if self.batch_size_ is None else self.batch_size_
+
+
+# ---------------------------------------------------------------------------
+
+DAMPERS: dict[str, type[BaseDamper]] = {
+    cls.__name__: cls
+    for cls in (
+        Constant, GeoDamp, GeoDampLR, PadaDamp, CntsDampLR, GradientDescent, AdaDamp, RadaDamp
+    )
+}
+"""Every damper shipped with adadamp, by class name."""
+
+_ACCEPTED = (
+    "an int >= 1, a damper class (e.g. GeoDamp) or a damper instance "
+    "(e.g. GeoDamp(delay=60))"
+)
+
+
+def _check_param_keys(cls: type[BaseDamper], params: dict[str, Any]) -> None:
+    accepted = _param_names(cls)
+    unknown = sorted(k for k in params if k not in accepted)
+    if unknown:
+        bad = ", ".join(f"batch_size__{k}" for k in unknown)
+        allowed = (
+            ", ".join(f"batch_size__{k}" for k in accepted)
+            if accepted
+            else f"none ({cls.__name__} takes no parameters)"
+        )
+        raise ValueError(f"{bad}: not a parameter of {cls.__name__}. Accepted: {allowed}.")
+
+
+def resolve_damper(batch_size: Any, params: dict[str, Any] | None = None) -> BaseDamper:
+    """Turn an estimator's ``batch_size`` parameter into a validated damper.
+
+    Parameters
+    ----------
+    batch_size : int, BaseDamper subclass or BaseDamper instance
+        An int ``b`` becomes ``Constant(b)``; a class is instantiated with
+        ``params``; an instance is deep-copied (the caller's object is never
+        changed) and ``params`` are set on the copy.
+    params : dict, optional
+        The ``batch_size__<name>`` parameters, keyed by ``<name>``.
+
+    Returns
+    -------
+    BaseDamper
+        A damper whose :meth:`~BaseDamper.validate` passed.
+
+    Raises
+    ------
+    TypeError
+        When ``batch_size`` is none of the accepted kinds.
+    ValueError
+        When an int is < 1, a key of ``params`` is not a constructor parameter
+        of the damper, or a parameter is out of range.
+    """
+    params = dict(params or {})
+    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
+        if params:
+            keys = ", ".join(f"batch_size__{k}" for k in sorted(params))
+            raise ValueError(
+                f"{keys} given, but batch_size={batch_size!r} is an int; "
+                "batch_size__* parameters apply only to a damper class or instance."
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be {_ACCEPTED}; got {batch_size!r}.")
+        damper: BaseDamper = Constant(int(batch_size))
+    elif isinstance(batch_size, type) and issubclass(batch_size, BaseDamper):
+        if batch_size is BaseDamper:
+            raise TypeError(
+                f"batch_size must be {_ACCEPTED}; BaseDamper itself has no policy."
+            )
+        _check_param_keys(batch_size, params)
+        damper = batch_size(**params)
+    elif isinstance(batch_size, BaseDamper):
+        _check_param_keys(type(batch_size), params)
+        damper = copy.deepcopy(batch_size)
+        for key, value in params.items():
+            setattr(damper, key, value)
+    else:
+        raise TypeError(
+            f"batch_size must be {_ACCEPTED}; got {batch_size!r} "
+            f"of type {type(batch_size).__name__}."
+        )
+    damper.validate()
+    return damper
 
 
 def plan_update(
