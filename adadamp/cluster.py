@@ -1,0 +1,298 @@
+"""Resolve the estimators' ``client`` parameter to a running Dask client.
+
+The estimators accept ``client=None`` (use the current client, or start a
+local cluster for the duration of the fit), a scheduler address string, or a
+``distributed.Client``. :func:`validate_client` checks the value before any
+cluster work starts; :func:`cluster_client` turns it into a client and owns
+whatever it had to start, so that nothing it started outlives the fit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client, LocalCluster
+from distributed.comm.addressing import parse_host_port
+
+__all__ = ["ClusterHandle", "cluster_client", "cpu_count", "validate_client"]
+
+#: Schemes the Dask comm layer understands; an address with another scheme
+#: would only fail later, after a connection timeout.
+_KNOWN_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+
+_ACCEPTED = (
+    "None (use the current client, or start a local cluster), "
+    "a scheduler address string such as 'tcp://127.0.0.1:8786', "
+    "or a distributed.Client"
+)
+
+
+def cpu_count() -> int:
+    """The number of CPU cores this process may run on.
+
+    ``os.sched_getaffinity`` respects CPU pinning (containers, ``taskset``),
+    which ``os.cpu_count`` does not; the latter is the fallback where the
+    former does not exist (macOS, Windows).
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platform dependent
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_address(address: str) -> None:
+    """Raise ``ValueError`` unless ``address`` looks like a scheduler address."""
+    hint = (
+        f"client={address!r} is not a scheduler address; pass one like "
+        "'tcp://127.0.0.1:8786' or '127.0.0.1:8786', or client=None to start a local cluster"
+    )
+    if not address or address != address.strip() or any(c.isspace() for c in address):
+        raise ValueError(hint)
+    if "://" in address:
+        scheme, location = address.split("://", 1)
+        if scheme not in _KNOWN_SCHEMES:
+            raise ValueError(f"{hint} (unknown scheme {scheme!r}; known: {', '.join(_KNOWN_SCHEMES)})")
+        if not location:
+            raise ValueError(hint)
+        if scheme == "inproc":
+            # In-process addresses ("inproc://host/pid/n") have no port.
+            return
+        default_port: int | None = 8786  # Dask's default scheduler port
+    else:
+        default_port = None  # without a scheme, demand an explicit "host:port"
+        location = address
+    try:
+        host, port = parse_host_port(location, default_port=default_port)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{hint} ({exc})") from None
+    if not host or not 0 < int(port) < 65536:
+        raise ValueError(hint)
+
+
+def validate_client(client: Any) -> None:
+    """Check the estimators' ``client`` parameter without touching any cluster.
+
+    Parameters
+    ----------
+    client : None, str or distributed.Client
+        ``None`` (use the current client, or start a local cluster), a
+        scheduler address such as ``"tcp://127.0.0.1:8786"`` or
+        ``"127.0.0.1:8786"``, or a ``distributed.Client``.
+
+    Raises
+    ------
+    TypeError
+        If ``client`` is of any other type.
+    ValueError
+        If ``client`` is a string that is not a scheduler address: an unknown
+        scheme, a missing host, a port missing (without a scheme) or out of
+        range, or white space.
+    """
+    if client is None or isinstance(client, Client):
+        return
+    if isinstance(client, str):
+        _check_address(client)
+        return
+    extra = ""
+    if hasattr(client, "scheduler_address") and hasattr(client, "scale"):
+        # A cluster object (LocalCluster, SpecCluster, ...) is a common slip.
+        extra = "; to use a cluster object, pass distributed.Client(cluster)"
+    raise TypeError(f"client must be {_ACCEPTED}; got {type(client).__name__}{extra}")
+
+
+def _check_count(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None; got {value!r}")
+
+
+def _device_limit(device: str) -> int | None:
+    """How many workers ``device`` allows on this machine (``None``: no limit).
+
+    Each worker of a CUDA run drives one GPU, so a local cluster has no use
+    for more workers than there are visible GPUs.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device; pass 'cpu' or 'cuda' ({exc})") from None
+    if dev.type != "cuda":
+        return None
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus == 0:
+        raise ValueError(f"device={device!r} but no CUDA device is visible; pass device='cpu'")
+    return n_gpus
+
+
+@dataclass(frozen=True)
+class ClusterHandle:
+    """The Dask client a fit runs on, and whether the fit owns its cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The client to submit work with.
+    embedded : bool
+        True when :func:`cluster_client` started a local cluster for this
+        fit (it is closed when the context exits); False for the current
+        client, a passed client or a client connected to an address.
+    max_workers : int or None
+        The most workers the cluster should be scaled to: for an embedded
+        cluster ``max_workers`` if given, else the number of CPU cores; for
+        other clusters the ``max_workers`` passed, or None (no limit).
+    """
+
+    client: Client
+    embedded: bool
+    max_workers: int | None = None
+
+    @property
+    def cluster(self) -> Any | None:
+        """The client's cluster object, or None (e.g. connected by address)."""
+        return getattr(self.client, "cluster", None)
+
+    @property
+    def can_scale(self) -> bool:
+        """Whether this process can change the cluster's number of workers."""
+        return self.cluster is not None and callable(getattr(self.cluster, "scale", None))
+
+
+def _current_client() -> Client | None:
+    """The client a ``client=None`` fit should use, if the user has one running."""
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:  # no current client, and not inside a Dask task
+        return None
+    if client.status in ("closing", "closed"):
+        return None
+    return client
+
+
+@contextlib.contextmanager
+def cluster_client(
+    client: Client | str | None,
+    n_workers_hint: int | None = None,
+    device: str = "cpu",
+    max_workers: int | None = None,
+    connect_timeout: float = 30.0,
+    silence_logs: int = logging.ERROR,
+) -> Iterator[ClusterHandle]:
+    """Provide a running Dask client for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    client : None, str or distributed.Client
+        What the estimator was given (see :func:`validate_client`).
+
+        - ``None``: the current client if there is one (``get_client()``);
+          otherwise a local cluster of worker processes (one thread each, no
+          dashboard, listening on free ports of 127.0.0.1 only) is started, and it and its
+          client are closed when the block exits, error or not.
+        - an address string: a client is connected to that scheduler and
+          closed on exit; the remote cluster is left running.
+        - a ``distributed.Client``: used as is and never closed.
+    n_workers_hint : int, optional
+        How many workers an embedded cluster starts with (default 1), capped
+        at its maximum. Ignored for other clusters; :class:`~adadamp.scaling.
+        WorkerScaler` sets the count it needs.
+    device : str, default "cpu"
+        The torch device the workers compute on. For ``"cuda"`` an embedded
+        cluster has at most one worker per visible GPU, and a ``ValueError``
+        is raised if none is visible.
+    max_workers : int, optional
+        The most workers an embedded cluster may be scaled to; default: the
+        number of CPU cores (and of GPUs for CUDA). Each worker's memory
+        limit is the machine's memory divided by this maximum, so the workers
+        fit in memory together once grown. For other clusters it is only
+        recorded in the handle.
+    connect_timeout : float, default 30
+        Seconds to wait when connecting to an address.
+    silence_logs : int, default logging.ERROR
+        Log level of an embedded cluster's scheduler and workers. Starting and
+        stopping workers logs routine warnings; errors still show.
+
+    Yields
+    ------
+    ClusterHandle
+        The client and whether it runs on an embedded cluster.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a parameter is invalid; raised before any cluster work starts.
+    OSError
+        If no scheduler answers at the address within ``connect_timeout``.
+
+    Notes
+    -----
+    Worker processes are started with the ``spawn`` method, so a script that
+    fits with ``client=None`` needs the ``if __name__ == "__main__":`` guard.
+    """
+    validate_client(client)
+    _check_count("n_workers_hint", n_workers_hint)
+    _check_count("max_workers", max_workers)
+    device_limit = _device_limit(device)
+
+    if isinstance(client, Client):
+        yield ClusterHandle(client, embedded=False, max_workers=max_workers)
+        return
+
+    if isinstance(client, str):
+        try:
+            connected = Client(client, timeout=connect_timeout, set_as_default=False)
+        except OSError as exc:
+            raise OSError(
+                f"no Dask scheduler answered at client={client!r} within {connect_timeout} s: "
+                f"{exc}. Start the scheduler, fix the address, or pass client=None to start a "
+                "local cluster"
+            ) from exc
+        try:
+            yield ClusterHandle(connected, embedded=False, max_workers=max_workers)
+        finally:
+            connected.close()
+        return
+
+    current = _current_client()
+    if current is not None:
+        yield ClusterHandle(current, embedded=False, max_workers=max_workers)
+        return
+
+    limit = max_workers if max_workers is not None else cpu_count()
+    if device_limit is not None:
+        limit = min(limit, device_limit)
+    start = min(n_workers_hint or 1, limit, cpu_count())
+    with contextlib.ExitStack() as stack:
+        from distributed.system import MEMORY_LIMIT
+
+        cluster = LocalCluster(
+            n_workers=start,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+            # The scheduler serves its HTTP routes (health, metrics) even
+            # without a dashboard, on port 8787 unless told otherwise; a free
+            # port on 127.0.0.1 avoids clashing with the user's own cluster.
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+            silence_logs=silence_logs,
+            # LocalCluster would size memory for the starting count only;
+            # size it for the most workers the cluster may grow to.
+            memory_limit=max(1, MEMORY_LIMIT // limit),
+        )
+        stack.callback(cluster.close)
+        # Not made the default client: the fit passes the handle's client
+        # explicitly, and the user's global Dask state stays untouched.
+        embedded = Client(cluster, set_as_default=False)
+        # Closed before the cluster (ExitStack unwinds in reverse), so the
+        # client does not log lost connections to a closing scheduler.
+        stack.callback(embedded.close)
+        yield ClusterHandle(embedded, embedded=True, max_workers=limit)
