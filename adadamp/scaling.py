@@ -1,7 +1,15 @@
-"""How many workers a batch size calls for."""
+"""How many workers a batch size calls for, and making a cluster have them."""
 from __future__ import annotations
 
+import inspect
 import math
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing distributed is slow; workers_for does not need it
+    from distributed import Client
+
+    from .cluster import ClusterHandle
 
 
 def workers_for(
@@ -17,3 +25,200 @@ def workers_for(
     if max_workers is not None:
         wanted = min(wanted, max_workers)
     return wanted
+
+
+# --- Making a cluster have the workers a batch size calls for ---------------
+
+#: Worker states in which a worker takes no new tasks: it is leaving.
+_LEAVING = frozenset({"closing", "closing_gracefully", "closed"})
+
+
+def _address_key(address: str) -> tuple[str, str, int, str]:
+    """Sort key that orders ports numerically ("...:9999" before "...:10000")."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location, default_port=0)
+        return scheme, host, int(port), address
+    except (ValueError, TypeError):
+        # Addresses without a port (inproc://...) sort by their text.
+        return "", address, 0, address
+
+
+def _workers_info(client: Client) -> dict[str, dict]:
+    """The scheduler's workers, all of them.
+
+    Recent ``distributed`` versions take ``n_workers`` (and one release
+    listed only 5 workers by default); older ones do not take it.
+    """
+    if "n_workers" in inspect.signature(client.scheduler_info).parameters:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    return client.scheduler_info()["workers"]
+
+
+def available_workers(client: Client) -> list[str]:
+    """The addresses of the client's workers that take tasks, sorted.
+
+    Parameters
+    ----------
+    client : distributed.Client
+
+    Returns
+    -------
+    list of str
+        Worker addresses ordered by scheme, host, then port as a number, so
+        that the same cluster gives the same order (and so the same slices of
+        a batch go to the same workers) on every call. Workers that are
+        closing are left out.
+    """
+    workers = _workers_info(client)
+    running = [addr for addr, info in workers.items() if info.get("status") not in _LEAVING]
+    return sorted(running, key=_address_key)
+
+
+class WorkerScaler:
+    """Make a cluster have the number of workers a batch size calls for.
+
+    Parameters
+    ----------
+    handle : adadamp.cluster.ClusterHandle
+        The cluster to scale, from :func:`adadamp.cluster.cluster_client`.
+    timeout : float, default 60
+        Seconds to wait for the cluster to reach a new worker count.
+    poll_interval : float, default 0.05
+        Seconds between checks of the worker count while it falls.
+
+    Notes
+    -----
+    If the handle's cluster object can scale (``client.cluster.scale``
+    exists), :meth:`scale_to` calls ``cluster.scale(n)`` and waits until the
+    scheduler lists exactly ``n`` workers. Otherwise (a client connected to an
+    address has no cluster object) the workers cannot be changed from here,
+    and :meth:`scale_to` returns ``min(n, workers available)``: the engine
+    then runs on that many.
+
+    The scaler acts only when the wanted count differs from the last one it
+    set, so asking for the same count every update costs nothing and does not
+    restart workers; call :meth:`reset` to make it look again (e.g. after a
+    worker was lost).
+    """
+
+    def __init__(self, handle: ClusterHandle, timeout: float = 60.0, poll_interval: float = 0.05):
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+        self.handle = handle
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self._target: int | None = None  # the count last set, None: none yet
+        self._n_workers: int | None = None  # the count the engine may use
+
+    @property
+    def client(self) -> Client:
+        """The ``distributed.Client`` of the handle."""
+        return self.handle.client
+
+    @property
+    def can_scale(self) -> bool:
+        """Whether :meth:`scale_to` can change the number of workers."""
+        return bool(self.handle.can_scale)
+
+    @property
+    def n_workers(self) -> int:
+        """The number of workers the engine runs on (to record per update).
+
+        The result of the last :meth:`scale_to`; before the first, the number
+        of workers the cluster has now.
+        """
+        if self._n_workers is None:
+            return len(available_workers(self.client))
+        return self._n_workers
+
+    def workers(self) -> list[str]:
+        """The addresses of the workers to run on: the first :attr:`n_workers`
+        of :func:`available_workers`."""
+        return available_workers(self.client)[: self.n_workers]
+
+    def reset(self) -> None:
+        """Forget the last count set, so that the next :meth:`scale_to` acts."""
+        self._target = None
+        self._n_workers = None
+
+    def scale_to(self, n_workers: int) -> int:
+        """Make the cluster have ``n_workers`` workers, as far as it can.
+
+        Parameters
+        ----------
+        n_workers : int
+            The wanted number of workers, e.g. from :func:`workers_for`. It is
+            capped at the handle's ``max_workers``, if any.
+
+        Returns
+        -------
+        int
+            The number of workers to run on: the (capped) wanted count if the
+            cluster can scale, else ``min(wanted, workers available)``.
+
+        Raises
+        ------
+        ValueError
+            If ``n_workers`` is not a positive int.
+        TimeoutError
+            If the cluster did not reach the count within ``timeout`` seconds,
+            or (when it cannot scale) has no worker at all.
+        """
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"n_workers must be a positive int; got {n_workers!r}")
+        wanted = n_workers
+        if self.handle.max_workers is not None:
+            wanted = min(wanted, self.handle.max_workers)
+        if wanted == self._target and self._n_workers is not None:
+            return self._n_workers
+
+        # Until the count is reached, a failure must not leave a stale target
+        # that would stop the next call from trying again.
+        self.reset()
+        if self.can_scale:
+            self._scale_cluster(wanted)
+            usable = wanted
+        else:
+            usable = min(wanted, self._count_or_wait_for_one())
+        self._target = wanted
+        self._n_workers = usable
+        return usable
+
+    def _scale_cluster(self, wanted: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        before = len(available_workers(self.client))
+        self.handle.cluster.scale(wanted)
+        try:
+            if wanted > before:
+                self.client.wait_for_workers(wanted, timeout=self.timeout)
+            # Growing may overshoot while workers from an earlier shrink are
+            # still leaving; shrinking ends when the leavers are gone. Both:
+            # wait for the exact count.
+            while (have := len(available_workers(self.client))) != wanted:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                time.sleep(self.poll_interval)
+        except TimeoutError:
+            have = len(available_workers(self.client))
+            raise TimeoutError(
+                f"wanted {wanted} Dask workers (from {before}) but the cluster has {have} after "
+                f"{self.timeout} s. Give the cluster more time (timeout), lower max_workers, "
+                "or check that it has the cores and memory for that many workers (see its logs)"
+            ) from None
+
+    def _count_or_wait_for_one(self) -> int:
+        have = len(available_workers(self.client))
+        if have:
+            return have
+        try:
+            self.client.wait_for_workers(1, timeout=self.timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the Dask cluster at {self.client.scheduler.address} has no worker after "
+                f"{self.timeout} s and cannot be scaled from here. Start workers for it "
+                "(dask worker <address>), or pass client=None to start a local cluster"
+            ) from None
+        return len(available_workers(self.client))
