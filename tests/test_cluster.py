@@ -88,7 +88,7 @@ def test_none_without_client_starts_embedded_cluster_and_closes_it():
         assert address.startswith("tcp://127.0.0.1:")
         assert _accepts_connections(address)
     assert handle.client.status == "closed"
-    assert _current_client() is None, "a default Dask client from another test is still open"
+    assert _current_client() is None, "the embedded client is still the current client"
     _assert_left_nothing(children, threads, address)
 
 
