@@ -1,0 +1,1 @@
+"""Reproducible experiment definitions: offline data sets and small models."""
