@@ -26,7 +26,7 @@ The defaults describe the paper's setup (a Wide-ResNet-16-4 on a T4 GPU);
 """
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -131,7 +131,7 @@ class Architecture:
     def __post_init__(self) -> None:
         for name in ("overhead_s", "overhead_per_worker_s", "rescale_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value >= 0):
                 raise ValueError(f"{type(self).__name__}: {name} must be a number >= 0, got {value!r}.")
 
     def communication_seconds(self, workers: Any, model_bytes: float, network: Network) -> Any:
@@ -361,7 +361,7 @@ def batch_sizes_of(updates: Updates) -> np.ndarray:
     return sizes.astype(np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SimResult:
     """The simulated run, update by update.
 

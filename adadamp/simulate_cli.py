@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-workers", type=int, help="(default: no cap)")
 
     parser.add_argument("--paper", action="store_true",
-                        help="print the reproduction of the paper's tables and exit")
+                        help="print the reproduction of the paper's tables and exit "
+                        "(only --seconds-per-example and --n-params apply)")
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
