@@ -22,6 +22,9 @@ class UpdatePlan:
     """The batch size the damper asked for."""
     batch_size: int
     """The batch size used: after the max-batch-size rule and the epoch's end."""
+    full_batch_size: int
+    """The batch size after the max-batch-size rule only: what workers are sized for,
+    so that the short last batch of an epoch does not shrink the cluster."""
     lr_factor: float
     """Multiplies every parameter group's base learning rate."""
     start: int
@@ -38,9 +41,9 @@ def next_update(
 ) -> UpdatePlan:
     """Plan the update that begins at offset ``start`` of the current epoch."""
     requested = damper.damping(state)
-    batch_size, lr_factor = plan_update(requested, max_batch_size, damper.max_batch_size)
-    batch_size = min(batch_size, state.n_examples - start)
-    return UpdatePlan(float(requested), batch_size, lr_factor, start)
+    full, lr_factor = plan_update(requested, max_batch_size, damper.max_batch_size)
+    batch_size = min(full, state.n_examples - start)
+    return UpdatePlan(float(requested), batch_size, full, lr_factor, start)
 
 
 def advance(state: TrainState, batch_size: int) -> None:

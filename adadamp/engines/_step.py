@@ -71,14 +71,17 @@ def apply_update(
     lr_factor: float,
     batch_size: int,
 ) -> None:
-    """Turn the summed gradients in ``p.grad`` into a mean and take one step."""
+    """Turn the summed gradients in ``p.grad`` into a mean and take one step.
+
+    Gradients are left in place: callers zero them before the next update
+    (the decentralized engine keeps them as views of one flat buffer).
+    """
     for p in module.parameters():
         if p.grad is not None:
             p.grad.div_(batch_size)
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_factor
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def check_finite(loss: float, update: int, batch_size: int, lr: float) -> None:

@@ -1,0 +1,107 @@
+"""What both Dask engines do on the client: the cluster, its size, and the payload."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import uuid
+from collections import Counter
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..cluster import cluster_client, validate_client
+from ..dampers import BaseDamper, TrainState
+from ..scaling import WorkerScaler, workers_for
+from ..schedule import next_update
+from . import _worker
+from .base import Engine, TrainConfig
+
+
+def host_of(address: str) -> str:
+    """The host part of a Dask worker address such as ``tcp://10.0.0.5:4321``."""
+    return urlparse(address).hostname or address
+
+
+def workers_per_host(addresses: list[str]) -> Counter:
+    return Counter(host_of(a) for a in addresses)
+
+
+class DaskEngine(Engine):
+    """Common client side of the centralized and decentralized engines.
+
+    :meth:`start` opens the cluster (the given client, the current one, or an
+    embedded ``LocalCluster`` that lives until :meth:`close`) and scatters the
+    fit's payload once; workers fetch it on their first task and keep it.
+    """
+
+    def __init__(self, config: TrainConfig, client=None):
+        super().__init__(config)
+        validate_client(client)  # a bad client fails before any cluster work
+        self.client_arg = client
+        self._exit = contextlib.ExitStack()
+        self.fit_id = uuid.uuid4().hex
+        self.payload_future = None
+
+    def start(self, module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+              X: torch.Tensor, y: torch.Tensor) -> None:
+        self.module, self.optimizer = module, optimizer
+        self.n_examples = len(X)
+        handle = self._exit.enter_context(cluster_client(
+            self.client_arg, n_workers_hint=self.config.min_workers,
+            device=self.config.device, max_workers=self.config.max_workers))
+        self.client = handle.client
+        self.scaler = WorkerScaler(handle)
+        payload = _worker.FitPayload(
+            fit_id=self.fit_id,
+            module=copy.deepcopy(module).cpu(),
+            criterion=criterion,
+            optimizer=_worker.OptimizerRecipe.of(optimizer, module),
+            X=X.cpu(),
+            y=y.cpu(),
+            config=self.config,
+        )
+        # hash=False: two fits of equal data must not share (and later free) one key.
+        self.payload_future = self.client.scatter(payload, hash=False)
+
+    def wanted_workers(self, batch_size: int) -> int:
+        c = self.config
+        return workers_for(batch_size, c.grads_per_worker, c.min_workers, c.max_workers)
+
+    def guess_workers(self, damper: BaseDamper, state: TrainState, offset: int) -> int:
+        """The worker count the next update will want, without touching the damper.
+
+        Dampers that need the training loss cannot be asked before it is
+        computed: they keep the current count, and the workers correct it.
+        """
+        if damper.needs_loss:
+            return self.scaler.n_workers if self.scaler.n_workers else self.config.min_workers
+        plan = next_update(copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset)
+        return self.wanted_workers(plan.full_batch_size)
+
+    def client_state(self) -> tuple[dict, dict]:
+        """The client module's and optimizer's state, to start workers from."""
+        module_state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return module_state, self.optimizer.state_dict()
+
+    def adopt_state(self, module_state: dict, optimizer_state: dict) -> None:
+        """Make the client's module and optimizer hold the workers' result.
+
+        The workers' param groups carry the last *scaled* learning rate; the
+        client keeps its base rates (skorch callbacks may schedule them).
+        """
+        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.module.load_state_dict(module_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        for group, lr in zip(self.optimizer.param_groups, base_lrs):
+            group["lr"] = lr
+
+    def close(self) -> None:
+        try:
+            if self.payload_future is not None:
+                with contextlib.suppress(Exception):
+                    self.client.run(_worker.release, self.fit_id)
+                self.payload_future.release()
+                self.payload_future = None
+        finally:
+            self._exit.close()
