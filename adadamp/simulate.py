@@ -14,7 +14,9 @@ The time of one model update with batch size ``B`` on ``P`` workers is
   scheduling, serialization and the like, which no network formula captures.
 
 ``P = workers_for(B, grads_per_worker, min_workers, max_workers)`` unless the
-caller passes the worker counts of a measured run. A run's time is the sum of
+caller passes the worker counts of a measured run; for a damper's schedule
+``B`` there is the update's full batch size, so the short last update of an
+epoch keeps the epoch's workers, as in the engines. A run's time is the sum of
 its update times (plus ``rescale_s`` whenever the worker count changes). The
 model ignores evaluation, data loading and stragglers.
 
@@ -309,7 +311,9 @@ class Schedule:
 
     The updates are those the engines would run (:func:`adadamp.schedule.plan_epochs`):
     each epoch consumed ``B`` examples at a time, its last update taking what
-    is left, ``B`` capped at ``max_batch_size``.
+    is left, ``B`` capped at ``max_batch_size``. As in the engines, the workers
+    of an update are sized for the full (capped) batch size, so the short last
+    update of an epoch keeps the epoch's workers.
     """
 
     damper: BaseDamper
@@ -317,10 +321,18 @@ class Schedule:
     epochs: int
     max_batch_size: int | None = None
 
-    def batch_sizes(self) -> np.ndarray:
+    def plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """The batch size of every update, and the batch size its workers are sized for."""
         self.damper.validate()
-        plans = plan_epochs(self.damper, self.n_examples, self.epochs, self.max_batch_size)
-        return np.array([p.batch_size for epoch in plans for p in epoch], dtype=np.int64)
+        plans = [p for epoch in plan_epochs(self.damper, self.n_examples, self.epochs,
+                                            self.max_batch_size) for p in epoch]
+        sizes = np.array([p.batch_size for p in plans], dtype=np.int64)
+        # Plans without ``full_batch_size`` size the workers for the batch itself.
+        full = np.array([getattr(p, "full_batch_size", p.batch_size) for p in plans], dtype=np.int64)
+        return sizes, full
+
+    def batch_sizes(self) -> np.ndarray:
+        return self.plan()[0]
 
 
 Updates = Union[Sequence[int], np.ndarray, Sequence[Mapping[str, Any]], Schedule]
@@ -410,6 +422,7 @@ def simulate_run(
     min_workers: int = 1,
     max_workers: int | None = None,
     workers: Sequence[int] | np.ndarray | None = None,
+    full_batch_sizes: Sequence[int] | np.ndarray | None = None,
 ) -> SimResult:
     """Simulate the wall-clock time of every update of a run.
 
@@ -432,6 +445,10 @@ def simulate_run(
     workers : sequence of int, optional
         The worker count of every update (e.g. a measured run's records),
         used instead of :func:`workers_for`.
+    full_batch_sizes : sequence of int, optional
+        The batch size each update's workers are sized for, when it differs
+        from the batch size (the short last update of an epoch). A
+        :class:`Schedule` supplies it; otherwise the batch sizes are used.
 
     Returns
     -------
@@ -439,12 +456,22 @@ def simulate_run(
     """
     net, arch = resolve(network, architecture)
     _check_model(seconds_per_example, n_params, bytes_per_param)
-    sizes = batch_sizes_of(updates)
+    if isinstance(updates, Schedule):
+        sizes, full = updates.plan()
+    else:
+        sizes = batch_sizes_of(updates)
+        full = sizes
+    if full_batch_sizes is not None:
+        full = np.asarray(full_batch_sizes, dtype=np.int64)
+        if full.shape != sizes.shape or np.any(full < 1):
+            raise ValueError(
+                f"full_batch_sizes: need one size >= 1 per update ({sizes.size}), got shape {full.shape}."
+            )
     if workers is None:
         if not (isinstance(grads_per_worker, int) and grads_per_worker >= 1):
             raise ValueError(f"grads_per_worker must be an int >= 1, got {grads_per_worker!r}.")
         # Few distinct batch sizes in a run: call workers_for once per value.
-        unique, inverse = np.unique(sizes, return_inverse=True)
+        unique, inverse = np.unique(full, return_inverse=True)
         per_size = np.array(
             [workers_for(int(b), grads_per_worker, min_workers, max_workers) for b in unique]
         )
@@ -520,13 +547,14 @@ PAPER_GRADS_PER_WORKER = 128
 
 
 @lru_cache(maxsize=None)
-def _paper_batch_sizes(initial: int, max_batch_size: int, lr_decay: bool) -> np.ndarray:
+def _paper_plan(initial: int, max_batch_size: int, lr_decay: bool) -> tuple[np.ndarray, np.ndarray]:
     # Planning 200 epochs walks ~78k updates in Python; the schedules are fixed, so cache them.
     damper_cls = GeoDampLR if lr_decay else GeoDamp
     damper = damper_cls(initial=initial, delay=PAPER_DELAY, factor=PAPER_FACTOR)
-    sizes = Schedule(damper, PAPER_N_EXAMPLES, PAPER_EPOCHS, max_batch_size).batch_sizes()
+    sizes, full = Schedule(damper, PAPER_N_EXAMPLES, PAPER_EPOCHS, max_batch_size).plan()
     sizes.setflags(write=False)
-    return sizes
+    full.setflags(write=False)
+    return sizes, full
 
 
 @dataclass(frozen=True)
@@ -593,19 +621,17 @@ def paper_table(
       paper's five times, compute and communication held at their defaults.
       The fitted values are in ``PaperTable.fitted``.
     """
-    rows_base: list[dict[str, SimResult]] = []
-    for run in PAPER_RUNS:
-        sizes = _paper_batch_sizes(run.initial, run.max_batch_size, run.lr_decay)
-        rows_base.append({
-            name: simulate_run(sizes, network=name, seconds_per_example=seconds_per_example,
-                               n_params=n_params, grads_per_worker=PAPER_GRADS_PER_WORKER)
-            for name in NETWORKS
-        })
+    def simulate(run: _PaperRun, network: Network, architecture: Architecture) -> SimResult:
+        sizes, full = _paper_plan(run.initial, run.max_batch_size, run.lr_decay)
+        return simulate_run(sizes, full_batch_sizes=full, network=network, architecture=architecture,
+                            seconds_per_example=seconds_per_example, n_params=n_params,
+                            grads_per_worker=PAPER_GRADS_PER_WORKER)
+
+    rows_base = [{name: simulate(run, *NETWORKS[name]) for name in NETWORKS} for run in PAPER_RUNS]
     fitted: dict[str, tuple[float, float]] = {}
     fitted_minutes: list[dict[str, float]] = [{} for _ in PAPER_RUNS]
     for name, (net, arch) in NETWORKS.items():
         # Fit on top of compute + communication only: the overheads are the unknowns.
-        bare = replace(arch, overhead_s=0.0, overhead_per_worker_s=0.0)
         base = np.array([
             r[name].compute_s.sum() + r[name].communication_s.sum() for r in rows_base
         ])
@@ -614,13 +640,9 @@ def paper_table(
         target = np.array([run.minutes[name] * 60 for run in PAPER_RUNS])
         a, b = _fit_overheads(base, n_updates, extra, target)
         fitted[name] = (a, b)
-        arch_fit = replace(bare, overhead_s=a, overhead_per_worker_s=b)
+        arch_fit = replace(arch, overhead_s=a, overhead_per_worker_s=b)
         for i, run in enumerate(PAPER_RUNS):
-            sizes = _paper_batch_sizes(run.initial, run.max_batch_size, run.lr_decay)
-            res = simulate_run(sizes, network=net, architecture=arch_fit,
-                               seconds_per_example=seconds_per_example, n_params=n_params,
-                               grads_per_worker=PAPER_GRADS_PER_WORKER)
-            fitted_minutes[i][name] = res.total_minutes
+            fitted_minutes[i][name] = simulate(run, net, arch_fit).total_minutes
     rows = []
     for run, sims, fit in zip(PAPER_RUNS, rows_base, fitted_minutes):
         any_sim = next(iter(sims.values()))

@@ -8,6 +8,7 @@ import pytest
 
 from adadamp.cli import main
 from adadamp.dampers import GeoDamp
+from adadamp.schedule import UpdatePlan
 from adadamp.simulate import (
     NETWORKS,
     PAPER_CENTRALIZED_OVERHEAD_S,
@@ -99,6 +100,23 @@ def test_total_is_the_sum_of_update_times():
     assert res.update_seconds == pytest.approx(res.compute_s + res.communication_s + res.overhead_s)
     for b, p, t in zip(sizes, res.workers, res.update_seconds):
         assert t == pytest.approx(update_time(int(b), int(p), network="centralized").total_s)
+
+
+def test_full_batch_sizes_size_the_workers():
+    # The last update of an epoch is short but keeps the epoch's workers.
+    res = simulate_run([300, 300, 100], full_batch_sizes=[300, 300, 300], network=NET,
+                       architecture="decentralized", grads_per_worker=100)
+    assert res.workers.tolist() == [3, 3, 3]
+    assert res.compute_s[2] == pytest.approx(34 * T4_SECONDS_PER_EXAMPLE)
+
+
+@pytest.mark.skipif("full_batch_size" not in UpdatePlan.__dataclass_fields__,
+                    reason="plans without full_batch_size size workers for the batch itself")
+def test_a_schedule_keeps_the_epochs_workers_for_its_last_update():
+    res = simulate_run(Schedule(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
+                       network="decentralized-high", grads_per_worker=100)
+    assert res.batch_sizes.tolist() == [300, 300, 300, 100] * 2
+    assert res.workers.tolist() == [3] * 8
 
 
 def test_rescale_is_charged_when_the_workers_change():
