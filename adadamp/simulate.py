@@ -327,8 +327,7 @@ class Schedule:
         plans = [p for epoch in plan_epochs(self.damper, self.n_examples, self.epochs,
                                             self.max_batch_size) for p in epoch]
         sizes = np.array([p.batch_size for p in plans], dtype=np.int64)
-        # Plans without ``full_batch_size`` size the workers for the batch itself.
-        full = np.array([getattr(p, "full_batch_size", p.batch_size) for p in plans], dtype=np.int64)
+        full = np.array([p.full_batch_size for p in plans], dtype=np.int64)
         return sizes, full
 
     def batch_sizes(self) -> np.ndarray:

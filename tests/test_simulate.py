@@ -8,7 +8,6 @@ import pytest
 
 from adadamp.cli import main
 from adadamp.dampers import GeoDamp
-from adadamp.schedule import UpdatePlan
 from adadamp.simulate import (
     NETWORKS,
     PAPER_CENTRALIZED_OVERHEAD_S,
@@ -110,8 +109,6 @@ def test_full_batch_sizes_size_the_workers():
     assert res.compute_s[2] == pytest.approx(34 * T4_SECONDS_PER_EXAMPLE)
 
 
-@pytest.mark.skipif("full_batch_size" not in UpdatePlan.__dataclass_fields__,
-                    reason="plans without full_batch_size size workers for the batch itself")
 def test_a_schedule_keeps_the_epochs_workers_for_its_last_update():
     res = simulate_run(Schedule(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
                        network="decentralized-high", grads_per_worker=100)
