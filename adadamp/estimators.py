@@ -66,6 +66,27 @@ class _DampedNetMixin:
         ]
 
     # ------------------------------------------------------------ setup
+    def set_params(self, **kwargs):
+        # skorch re-initializes the component a prefixed parameter belongs to,
+        # and on an initialized net fails on a prefix that names no component.
+        # ``batch_size`` and ``batch_size__*`` only need storing: the damper is
+        # rebuilt from them when training next starts (the counters are kept,
+        # so ``partial_fit`` continues the epochs under the new damper).
+        damper_params = {
+            key: value for key, value in kwargs.items()
+            if key == "batch_size" or key.startswith("batch_size__")
+        }
+        for key, value in damper_params.items():
+            setattr(self, key, value)
+            if key != "batch_size":
+                self._params_to_validate.add(key)
+        if damper_params and getattr(self, "damper_", None) is not None:
+            self.damper_ = None
+        rest = {key: value for key, value in kwargs.items() if key not in damper_params}
+        if rest:
+            super().set_params(**rest)
+        return self
+
     def initialize(self):
         super().initialize()
         self.damper_: BaseDamper | None = None
