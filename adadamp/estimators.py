@@ -40,6 +40,11 @@ def _current_dask_client():
         return None
 
 
+def _plain_float(value) -> float | None:
+    # History is saved as JSON, which takes Python floats but not NumPy float32.
+    return None if value is None else float(value)
+
+
 class _DampedNetMixin:
     """What DaskClassifier and DaskRegressor add to their skorch base class."""
 
@@ -112,7 +117,14 @@ class _DampedNetMixin:
                 snapshot = row["train_state"]
                 break
         if snapshot is not None:
-            state = TrainState(n_examples, snapshot["model_updates"], snapshot["examples"])
+            # What the previous update left for the damper (RadaDamp averages the
+            # last batch loss in) is restored too; older snapshots lack it.
+            state = TrainState(
+                n_examples, snapshot["model_updates"], snapshot["examples"],
+                last_loss=snapshot.get("last_loss"),
+                grad_stats=dict(snapshot.get("grad_stats") or {}),
+                train_loss=snapshot.get("train_loss"),
+            )
             self.damper_.load_state_dict(snapshot["damper"])
             self.seed_ = snapshot["seed"]
         else:
@@ -211,6 +223,9 @@ class _DampedNetMixin:
             "examples": state.examples_seen,
             "seed": self.seed_,
             "damper": damper.state_dict(),
+            "last_loss": _plain_float(state.last_loss),
+            "grad_stats": {k: float(v) for k, v in state.grad_stats.items()},
+            "train_loss": _plain_float(state.train_loss),
         })
 
     # ------------------------------------------------------------ prediction

@@ -8,12 +8,15 @@ from sklearn.datasets import load_digits, make_regression
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Run torch on one thread while these tests run.
+    """Run torch on one thread while a test module runs.
 
     The models here are tiny: with two intra-op threads on two busy cores,
     thread hand-offs cost more than the arithmetic (about ten times slower).
+    Module-scoped so that module-scoped fixtures (reference runs) use the same
+    thread count as the tests comparing with them: the reduction order, and so
+    the last bits of every loss, depend on it.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
