@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
-from skorch.callbacks import PrintLog
+from skorch.callbacks import EpochScoring, PrintLog
 from skorch.utils import to_tensor
 from tqdm.auto import tqdm
 
@@ -92,6 +92,16 @@ class _DampedNetMixin:
             super().set_params(**rest)
         return self
 
+    def initialize_callbacks(self):
+        super().initialize_callbacks()
+        # Engines run the training updates and hand back no predictions, so a
+        # scorer of the training set would find its cache of them empty: it
+        # runs inference over the training set instead.
+        for _, cb in self.callbacks_:
+            if isinstance(cb, EpochScoring) and cb.on_train and cb.use_caching:
+                cb.use_caching = False
+        return self
+
     def initialize(self):
         super().initialize()
         self.damper_: BaseDamper | None = None
@@ -159,7 +169,23 @@ class _DampedNetMixin:
         return match_dtype(X, self.module_), self._prepare_target(y)
 
     # ------------------------------------------------------------ training
-    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+    def _routed_fit_params(self, routing_method: str, fit_params: dict) -> tuple[dict, dict]:
+        """The fit params for ``train_split`` and for the module, routed as skorch does.
+
+        skorch >= 1.4 passes ``_routing_method`` (fit or partial_fit) into
+        ``fit_loop``; with scikit-learn's metadata routing enabled, the
+        splitter gets only what was requested for it.
+        """
+        try:
+            from sklearn.utils.metadata_routing import _routing_enabled, process_routing
+        except ImportError:  # pragma: no cover - scikit-learn without routing
+            return fit_params, fit_params
+        if "get_metadata_routing" in vars(NeuralNet) and _routing_enabled():
+            routed = process_routing(self, routing_method, **fit_params)
+            return routed.get("splitter", {"split": {}})["split"], fit_params
+        return fit_params, fit_params
+
+    def fit_loop(self, X, y=None, epochs=None, *, _routing_method="fit", **fit_params):
         """Train for ``epochs`` epochs (default ``max_epochs``), growing the batch size.
 
         All input checks run before any engine or cluster work starts.
@@ -171,7 +197,8 @@ class _DampedNetMixin:
         damper = self._resolve_damper()
         epochs = epochs if epochs is not None else self.max_epochs
 
-        dataset_train, dataset_valid = self.get_split_datasets(X, y, **fit_params)
+        split_params, forward_params = self._routed_fit_params(_routing_method, fit_params)
+        dataset_train, dataset_valid = self.get_split_datasets(X, y, **split_params)
         X_train, y_train = self._training_tensors(dataset_train)
         state = self._resume_or_start_state(len(X_train))
         iterator_valid = None
@@ -186,7 +213,7 @@ class _DampedNetMixin:
                 self.notify("on_epoch_begin", **on_epoch_kwargs)
                 self._train_one_epoch(engine, damper, state)
                 self.run_single_epoch(iterator_valid, training=False, prefix="valid",
-                                      step_fn=self.validation_step, **fit_params)
+                                      step_fn=self.validation_step, **forward_params)
                 self.notify("on_epoch_end", **on_epoch_kwargs)
         finally:
             engine.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from estimator_helpers import MLP, digits, one_torch_thread, regression, updates  # noqa: F401
-from skorch.callbacks import LRScheduler
+from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
 from sklearn.model_selection import train_test_split
 from torch.optim.lr_scheduler import StepLR
 
@@ -253,3 +253,42 @@ def test_lr_scheduler_callback_composes_with_the_damper():
     # What the scheduler saw and stepped was its own base rate, never a damped one.
     assert est.history_[:, "event_lr"] == pytest.approx([lr / 2**k for k in range(4)])
     assert est.optimizer_.param_groups[0]["lr"] == pytest.approx(lr / 2**4)
+
+
+def test_epoch_scoring_of_the_training_set():
+    X, y = digits(300)
+    est = DaskClassifier(MLP, lr=0.1, max_epochs=2, batch_size=16, train_split=None,
+                         backend="local", random_state=0, verbose=0,
+                         callbacks=[EpochScoring("accuracy", on_train=True, name="train_acc",
+                                                 lower_is_better=False)])
+    est.fit(X, y)
+    scores = est.history_[:, "train_acc"]
+    assert len(scores) == 2
+    # The callback scored the model as it stood at the end of each epoch.
+    assert scores[-1] == pytest.approx(est.score(X, y))
+
+
+def test_early_stopping_ends_the_run_and_restores_the_lr():
+    X, y = digits(300)
+    lr = 100.0  # far too large: the training loss stops improving at once
+    est = DaskClassifier(MLP, lr=lr, max_epochs=30, batch_size=16, train_split=None,
+                         backend="local", random_state=0, verbose=0,
+                         callbacks=[EarlyStopping(monitor="train_loss", patience=2)])
+    est.fit(X, y)
+    assert len(est.history_) < 30
+    assert est.history_[-1]["model_updates"] == len(est.history_) * math.ceil(300 / 16)
+    assert est.optimizer_.param_groups[0]["lr"] == lr
+
+
+def test_default_validation_split_of_the_classifier():
+    X, y = digits(300)
+    est = DaskClassifier(MLP, lr=0.1, max_epochs=2, batch_size=GeoDamp,
+                         batch_size__initial=16, batch_size__delay=1, batch_size__factor=2,
+                         backend="local", random_state=0, verbose=0)
+    est.fit(X, y)
+    # skorch's ValidSplit(5) keeps a fifth aside: the updates see 240 examples.
+    assert est.history_[:, "examples"] == [240, 480]
+    assert est.history_[:, "model_updates"] == [15, 15 + 8]
+    for key in ("valid_loss", "valid_acc"):
+        values = est.history_[:, key]
+        assert len(values) == 2 and all(np.isfinite(values))
