@@ -135,7 +135,7 @@ class _DampedNetMixin:
                 grad_stats=dict(snapshot.get("grad_stats") or {}),
                 train_loss=snapshot.get("train_loss"),
             )
-            self.damper_.load_state_dict(snapshot["damper"])
+            self._load_damper_state(snapshot)
             self.seed_ = snapshot["seed"]
         else:
             state = TrainState(n_examples)
@@ -145,6 +145,19 @@ class _DampedNetMixin:
             )
         self.train_state_ = state
         return state
+
+    def _load_damper_state(self, snapshot: dict) -> None:
+        """Restore what the damper learned before the snapshot was taken.
+
+        Only learned state (names ending in ``_``) is restored: the damper's
+        parameters are this estimator's ``batch_size__*``, which may have been
+        changed on purpose. A damper of another class learned nothing this one
+        can use, and starts afresh (the update and example counts still carry on).
+        """
+        if snapshot.get("damper_class", type(self.damper_).__name__) != type(self.damper_).__name__:
+            return
+        learned = {k: v for k, v in snapshot["damper"].items() if k.endswith("_")}
+        self.damper_.load_state_dict(learned)
 
     def _resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -250,6 +263,7 @@ class _DampedNetMixin:
             "examples": state.examples_seen,
             "seed": self.seed_,
             "damper": damper.state_dict(),
+            "damper_class": type(damper).__name__,
             "last_loss": _plain_float(state.last_loss),
             "grad_stats": {k: float(v) for k, v in state.grad_stats.items()},
             "train_loss": _plain_float(state.train_loss),

@@ -53,8 +53,9 @@ def assert_same_run(est, ref):
     assert est.history_[:, "model_updates"] == ref.history_[:, "model_updates"]
     assert est.history_[:, "examples"] == ref.history_[:, "examples"]
     assert est.damper_.state_dict() == ref.damper_.state_dict()
+    # The same operations in the same order on one thread: the same bits.
     for mine, theirs in zip(weights(est), weights(ref)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 def test_reference_runs_change_the_batch_size(reference):
@@ -129,3 +130,36 @@ def test_resume_with_skorch_checkpoint_callbacks(damper, data, reference, tmp_pa
                      callbacks=[("checkpoint", cp), ("load", LoadInitState(cp))])
     est.fit(*data)  # LoadInitState restores the checkpoint when training begins
     assert_same_run(est, reference[damper])
+
+
+def _save_after_two_epochs(damper, data, tmp_path, **params):
+    files = dict(f_params=tmp_path / "params.pt", f_optimizer=tmp_path / "optimizer.pt",
+                 f_history=tmp_path / "history.json")
+    torch.manual_seed(0)
+    classifier(damper, max_epochs=2, **params).fit(*data).save_params(**files)
+    return files
+
+
+def test_resumed_estimator_keeps_its_own_damper_params(data, tmp_path):
+    files = _save_after_two_epochs("geodamp", data, tmp_path)
+    est = classifier("geodamp", max_epochs=1, batch_size__factor=3)
+    est.initialize()
+    est.load_params(**files)
+    est.partial_fit(*data)
+    # The counters continue (e = 2) under the new estimator's factor: 8 * 3**2.
+    assert est.history_[:, "batch_size"] == [8, 16, 72]
+    assert est.damper_.factor == 3
+
+
+def test_resume_under_another_damper_class(data, tmp_path):
+    files = _save_after_two_epochs("adadamp", data, tmp_path)
+    est = classifier("padadamp", max_epochs=1)
+    est.initialize()
+    est.load_params(**files)
+    est.partial_fit(*data)
+    saved_updates = est.history_[1]["model_updates"]
+    # PadaDamp keeps its own parameters and counts the updates already made.
+    assert est.damper_.get_params() == {"initial": 8, "rate": 2}
+    first = est.history_[-1, "batches"][0]
+    assert first["damping"] == 8 + 2 * saved_updates
+    assert not hasattr(est.damper_, "initial_loss_")
