@@ -24,6 +24,10 @@ from .engines import Engine, TrainConfig, UpdateRecord, make_engine
 # Batch size of prediction and validation passes: only memory depends on it.
 PREDICT_BATCH_SIZE = 1024
 
+# Losses that compare predictions and targets element by element (and broadcast).
+_ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss,
+                       torch.nn.HuberLoss)
+
 # Per-update records kept in ``history_[epoch]["batches"]``.
 UPDATE_KEYS = ("damping", "lr", "workers", "duration")
 
@@ -177,6 +181,9 @@ class _DampedNetMixin:
             device=str(self.device),
         )
 
+    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise before training when ``y`` cannot be compared with the module's output."""
+
     def _training_tensors(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         X, y = dataset_to_tensors(dataset)
         return match_dtype(X, self.module_), self._prepare_target(y)
@@ -213,6 +220,7 @@ class _DampedNetMixin:
         split_params, forward_params = self._routed_fit_params(_routing_method, fit_params)
         dataset_train, dataset_valid = self.get_split_datasets(X, y, **split_params)
         X_train, y_train = self._training_tensors(dataset_train)
+        self._check_target_shape(X_train, y_train)
         state = self._resume_or_start_state(len(X_train))
         iterator_valid = None
         if dataset_valid is not None:
@@ -349,6 +357,27 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
 
     def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
         return match_dtype(y, self.module_)
+
+    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        # Elementwise losses broadcast (n, 1) predictions against (n,) targets
+        # into an n x n comparison: training would run and learn the wrong thing.
+        if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES):
+            return
+        module = self.module_
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(X[:1].to(self.device))
+        finally:
+            module.train(was_training)
+        if isinstance(out, torch.Tensor) and out.shape[1:] != y.shape[1:]:
+            hint = ": reshape it with y.reshape(-1, 1)" if y.dim() == 1 and out.shape[1:] == (1,) else ""
+            raise ValueError(
+                f"y has shape {tuple(y.shape)}, but the module outputs shape "
+                f"{tuple(out.shape[1:])} per example, so y must have shape "
+                f"{(len(y),) + tuple(out.shape[1:])}{hint}."
+            )
 
     def get_loss(self, y_pred, y_true, *args, **kwargs):
         # Targets often arrive as float64 from scikit-learn; the module is float32.

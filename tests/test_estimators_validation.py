@@ -66,6 +66,11 @@ BAD_DATA = {
     "object-X": (classifier, X.astype(object), y, TypeError, "X must be numeric, got dtype object"),
     "ragged-X": (classifier, [[0.0, 1.0], [2.0]] * 30, y, TypeError, "X must be a rectangular"),
     "str-y": (classifier, X, np.array(["a"] * 60), TypeError, "y must be numeric"),
+    # MSELoss would broadcast (n, 1) predictions against (n,) targets to n x n.
+    "1d-y": (regressor, X_reg, y_reg.ravel(), ValueError,
+             r"y has shape \(60,\), but the module outputs shape \(1,\) .*y.reshape\(-1, 1\)"),
+    "y-columns": (regressor, X_reg, np.hstack([y_reg, y_reg]), ValueError,
+                  r"y has shape \(60, 2\), .*outputs shape \(1,\) .*must have shape \(60, 1\)"),
 }
 
 
@@ -148,3 +153,18 @@ def test_good_input_trains_and_is_counted():
     est = classifier(batch_size=np.int64(16), max_epochs=2).fit(X, y)
     assert est.history_[:, "batch_size"] == [16, 16]
     assert dict(est.callbacks_)["counter"].epochs_begun == 2
+
+
+class SqueezedMLP(MLP):
+    """One value per example, shape (n,): 1-D targets match it."""
+
+    def forward(self, x):
+        return super().forward(x).squeeze(-1)
+
+
+def test_1d_targets_for_a_module_with_1d_output():
+    est = regressor(module=SqueezedMLP, max_epochs=2, lr=0.05, batch_size=10)
+    est.fit(X_reg, y_reg.ravel())
+    assert est.predict(X_reg).shape == (60,)
+    losses = est.history_[:, "train_loss"]
+    assert losses[-1] < losses[0]
