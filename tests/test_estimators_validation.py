@@ -23,15 +23,16 @@ class EpochCounter(Callback):
 
 
 def classifier(**params) -> DaskClassifier:
-    defaults = dict(max_epochs=1, train_split=None, backend="local", verbose=0,
+    defaults = dict(module=MLP, max_epochs=1, train_split=None, backend="local", verbose=0,
                     callbacks=[("counter", EpochCounter())])
-    return DaskClassifier(MLP, **{**defaults, **params})
+    return DaskClassifier(**{**defaults, **params})
 
 
 def regressor(**params) -> DaskRegressor:
-    defaults = dict(module__features=5, module__out=1, max_epochs=1, train_split=None,
-                    backend="local", verbose=0, callbacks=[("counter", EpochCounter())])
-    return DaskRegressor(MLP, **{**defaults, **params})
+    defaults = dict(module=MLP, module__features=5, module__out=1, max_epochs=1,
+                    train_split=None, backend="local", verbose=0,
+                    callbacks=[("counter", EpochCounter())])
+    return DaskRegressor(**{**defaults, **params})
 
 
 def assert_nothing_trained(est):
