@@ -12,7 +12,9 @@ from .engines import BACKENDS
 def _as_array(data, name: str) -> np.ndarray | None:
     """A NumPy view of ``data`` for checking, or None when it is not array-like."""
     if isinstance(data, torch.Tensor):
-        return data.detach().cpu().numpy()
+        data = data.detach().cpu()
+        # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
+        return (data.float() if data.dtype == torch.bfloat16 else data).numpy()
     if isinstance(data, np.ndarray):
         return data
     if hasattr(data, "to_numpy"):  # pandas

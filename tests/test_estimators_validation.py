@@ -47,7 +47,7 @@ X_reg, y_reg = regression(60)
 
 
 def _with(array, index, value):
-    out = array.copy()
+    out = array.clone() if isinstance(array, torch.Tensor) else array.copy()
     out[index] = value
     return out
 
@@ -81,6 +81,14 @@ def test_bad_data(make, X_bad, y_bad, error, match):
     with pytest.raises(error, match=match):
         est.fit(X_bad, y_bad)
     assert_nothing_trained(est)
+
+
+def test_bfloat16_input_is_checked_and_trained_on():
+    X_half = torch.from_numpy(X_reg).bfloat16()
+    with pytest.raises(ValueError, match="X contains 1 NaN"):
+        regressor().fit(_with(X_half, (1, 1), float("nan")), y_reg)
+    est = regressor().fit(X_half, y_reg)
+    assert est.history_[-1]["examples"] == len(X_half)
 
 
 def test_bad_data_in_partial_fit_of_a_fitted_estimator():
