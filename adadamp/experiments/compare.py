@@ -41,6 +41,7 @@ from .train import (
     _positive_int,
     dask_client,
     torch_threads,
+    worker_limit,
 )
 
 __all__ = [
@@ -194,7 +195,7 @@ def train_one(
         # The paper's setup: one worker per initial batch, so Dec. LR runs on
         # one worker and a model update takes about the same time throughout.
         grads_per_worker=config.batch_size,
-        max_workers=config.max_workers,
+        max_workers=worker_limit(config.backend, config.max_workers),
         optimizer=torch.optim.SGD,
         optimizer__momentum=MOMENTUM,
         optimizer__nesterov=True,
@@ -412,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: digits 16, mnist1d 32)")
     parser.add_argument("--lr", type=float, default=None,
                         help="initial learning rate of every schedule (default 0.1)")
-    parser.add_argument("--ghost-batch-size", type=int, default=None,
+    parser.add_argument("--ghost-batch-size", type=_non_negative_int, default=None,
                         help="ghost batch normalization over this many examples; 0 for none "
                              "(default: digits none, mnist1d 32)")
     parser.add_argument("--n-train", type=_positive_int, default=None,
@@ -424,7 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"who computes the model updates (default {DEFAULT_BACKEND})")
     parser.add_argument("--max-workers", type=_positive_int, default=None,
                         help="most Dask workers of a Dask backend (default: the CPU cores)")
-    parser.add_argument("--network", default=DEFAULT_NETWORK,
+    from ..simulate import NETWORKS
+
+    parser.add_argument("--network", choices=sorted(NETWORKS), default=DEFAULT_NETWORK,
                         help=f"network preset of the simulated wall-clock (default {DEFAULT_NETWORK})")
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="torch threads in this process (default 1: the models are tiny)")
@@ -452,11 +455,17 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     )
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
+    return value
+
+
 def _ghost(given: int | None, default: int | None) -> int | None:
+    # None: the data set's default; 0: no normalization.
     if given is None:
         return default
-    if given < 0:
-        raise ValueError(f"--ghost-batch-size must be >= 0, got {given}.")
     return given or None
 
 
@@ -477,9 +486,11 @@ def run(args: argparse.Namespace) -> int:
         + f"{config.seeds} seed(s), backend {config.backend}"
     )
     print(format_table(rows))
+    used = max(r.max_workers_used for r in rows)
     print(
-        f"simulated: workers = ceil(batch / {config.batch_size}), network {config.network}; "
-        f"test accuracy: mean ± std over seeds"
+        f"max workers: ceil(max batch / {config.batch_size}), as the simulation (network "
+        f"{config.network}) grows them; this run used at most {used}. "
+        "Test accuracy: mean ± std over seeds."
     )
     print(f"wrote {len(written)} files to {args.out} in {seconds:.0f} s")
     return 0
