@@ -71,9 +71,7 @@ def test_paper_example_as_printed():
         def forward(self, x, *args, **kwargs):
             return self.out(F.relu(self.hidden(x)))
 
-    # The paper imports ``from adadamp import DaskRegressor``, which the package
-    # does not export yet (see test_paper_import_path).
-    from adadamp.estimators import DaskRegressor
+    from adadamp import DaskRegressor
     import torch.optim as optim
 
     est = DaskRegressor(
@@ -114,12 +112,6 @@ def test_paper_example_as_printed():
     prediction = est.predict(X)
     assert prediction.shape == (100, 1)
     assert np.isfinite(prediction).all()
-
-
-@pytest.mark.xfail(raises=ImportError, strict=True,
-                   reason="adadamp/__init__.py does not export DaskRegressor/DaskClassifier")
-def test_paper_import_path():
-    from adadamp import DaskClassifier, DaskRegressor  # noqa: F401
 
 
 # --------------------------------------------------------------------------- schedule

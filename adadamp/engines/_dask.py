@@ -52,7 +52,7 @@ class DaskEngine(Engine):
             device=self.config.device, max_workers=self.config.max_workers))
         self.client = handle.client
         self.scaler = WorkerScaler(handle)
-        payload = _worker.FitPayload(
+        self._payload = _worker.FitPayload(
             fit_id=self.fit_id,
             module=copy.deepcopy(module).cpu(),
             criterion=criterion,
@@ -61,8 +61,18 @@ class DaskEngine(Engine):
             y=y.cpu(),
             config=self.config,
         )
-        # hash=False: two fits of equal data must not share (and later free) one key.
-        self.payload_future = self.client.scatter(payload, hash=False)
+        self.payload_future = None
+        self.ensure_payload()
+
+    def ensure_payload(self) -> _worker.PayloadRef:
+        """The payload's handle, scattering it again if the cluster lost it (e.g. its
+        holder was removed)."""
+        if self.payload_future is None or self.payload_future.status in ("lost", "error", "cancelled"):
+            # hash=False: two fits of equal data must not share (and later free) one key.
+            self.payload_future = self.client.scatter(self._payload, hash=False)
+            self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
+            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name, override=True)
+        return self.payload_ref
 
     def wanted_workers(self, batch_size: int) -> int:
         c = self.config
@@ -101,6 +111,8 @@ class DaskEngine(Engine):
             if self.payload_future is not None:
                 with contextlib.suppress(Exception):
                     self.client.run(_worker.release, self.fit_id)
+                with contextlib.suppress(Exception):
+                    self.client.unpublish_dataset(self.payload_ref.name)
                 self.payload_future.release()
                 self.payload_future = None
         finally:

@@ -1,11 +1,11 @@
 """What runs inside Dask worker processes, for both Dask engines.
 
-A fit ships one :class:`FitPayload` (module, criterion, optimizer recipe and
-the training tensors) to the cluster once. Dask keeps the deserialised
-payload in each worker's memory, so every later task on that worker receives
-the same object without another transfer; :func:`worker_model` builds the
-worker's module and optimizer from it once and caches them per fit. Per
-update, only weights, gradients and indices travel, as tensors.
+A fit scatters one :class:`FitPayload` (module, criterion, optimizer recipe
+and the training tensors) to the cluster. Tasks carry only a
+:class:`PayloadRef`; :func:`worker_model` fetches the payload the first time
+a worker meets the fit and caches the worker's module, optimizer and data, so
+the training set reaches each worker once per fit whatever Dask later does
+with its replicas. Per update, only weights, gradients and indices travel.
 """
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ class FitPayload:
     config: TrainConfig
 
 
+@dataclass(frozen=True)
+class PayloadRef:
+    """A task's handle on a fit's payload: its fit id and the name it is published under.
+
+    A name, not the future's key: Dask replaces task arguments equal to a key
+    with that key's data, which would ship the payload with every task.
+    """
+
+    fit_id: str
+    name: str
+
+
 @dataclass
 class WorkerModel:
     """A worker's own module, optimizer and data for one fit."""
@@ -67,24 +79,31 @@ class WorkerModel:
     X: torch.Tensor
     y: torch.Tensor
     config: TrainConfig
-    state_token: object = None
-    """Identifies the weights and optimizer state the module holds now."""
+    state_token: tuple | None = None
+    """``(token, with_optimizer)`` of the state the module holds now (see :func:`load_state`)."""
 
 
-_MODELS: dict[str, tuple[int, WorkerModel]] = {}
-# fit id -> identities of the payload objects that arrived on this worker:
-# one per transfer, which lets tests count how often the data was sent.
-_ARRIVALS: dict[str, set[int]] = defaultdict(set)
+_MODELS: dict[str, WorkerModel] = {}
+# fit id -> how many times the payload was fetched by this worker process
+# (once per fit, unless the fit was released): lets tests count transfers.
+_ARRIVALS: dict[str, int] = defaultdict(int)
 
 
-def worker_model(payload: FitPayload) -> WorkerModel:
-    """This worker's model for ``payload``'s fit, built on the payload's first use."""
-    cached = _MODELS.get(payload.fit_id)
-    if cached is not None and cached[0] == id(payload):
-        return cached[1]
-    _ARRIVALS[payload.fit_id].add(id(payload))
+def _fetch(ref: PayloadRef) -> FitPayload:
+    from distributed import get_client
+
+    return get_client().get_dataset(ref.name).result()
+
+
+def worker_model(ref: PayloadRef) -> WorkerModel:
+    """This worker's model for a fit, built from the payload on first use."""
+    model = _MODELS.get(ref.fit_id)
+    if model is not None:
+        return model
+    payload = _fetch(ref)
+    _ARRIVALS[ref.fit_id] += 1
     device = torch.device(payload.config.device)
-    # The payload object stays in Dask's memory; the worker trains its own copy.
+    # The payload may be the very object Dask holds for other workers to fetch: copy, not mutate.
     module = copy.deepcopy(payload.module).to(device)
     model = WorkerModel(
         module=module,
@@ -94,18 +113,23 @@ def worker_model(payload: FitPayload) -> WorkerModel:
         y=payload.y.to(device),
         config=payload.config,
     )
-    _MODELS[payload.fit_id] = (id(payload), model)
+    _MODELS[ref.fit_id] = model
     return model
 
 
 def load_state(model: WorkerModel, module_state: dict, optimizer_state: dict | None, token) -> None:
-    """Make the worker's module (and optimizer) hold a given state, unless it already does."""
-    if model.state_token is not None and model.state_token == token:
+    """Make the worker's module (and optimizer, if given) hold a state, unless it already does.
+
+    ``model.state_token`` is ``(token, with_optimizer)``: a module loaded with
+    weights alone does not count as holding that state's optimizer state.
+    """
+    held = model.state_token
+    if held is not None and held[0] == token and (optimizer_state is None or held[1]):
         return
     model.module.load_state_dict(module_state)
     if optimizer_state is not None:
         model.optimizer.load_state_dict(optimizer_state)
-    model.state_token = token
+    model.state_token = (token, optimizer_state is not None)
 
 
 def export_state(model: WorkerModel) -> tuple[dict, dict]:
@@ -134,7 +158,7 @@ def free_port() -> int:
 
 def data_arrivals(fit_id: str) -> int:
     """How many times a fit's payload has arrived on this worker."""
-    return len(_ARRIVALS.get(fit_id, ()))
+    return _ARRIVALS.get(fit_id, 0)
 
 
 def release(fit_id: str) -> None:

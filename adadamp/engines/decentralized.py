@@ -80,7 +80,7 @@ def _process_group(host: str, port: int, rank: int, world: int, device: str):
     return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
 
 
-def run_segment(payload: _worker.FitPayload, start: SegmentStart, rank: int, world: int,
+def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int,
                 host: str, port: int, workers_on_host: int) -> SegmentResult | None:
     """Run updates on this rank until the epoch ends or the worker count must change."""
     model = _worker.worker_model(payload)
@@ -211,11 +211,12 @@ class DecentralizedEngine(DaskEngine):
         if not workers:
             raise RuntimeError("The Dask cluster has no workers left to train on.")
         world = len(workers)
+        payload = self.ensure_payload()
         port = self.client.submit(_worker.free_port, workers=[workers[0]], pure=False).result()
         per_host = workers_per_host(workers)
         futures = [
             self.client.submit(
-                run_segment, self.payload_future, start, rank, world, host_of(workers[0]), port,
+                run_segment, payload, start, rank, world, host_of(workers[0]), port,
                 per_host[host_of(address)], workers=[address], allow_other_workers=False,
                 pure=False, key=f"adadamp-segment-{start.token}-{rank}")
             for rank, address in enumerate(workers)

@@ -1,0 +1,178 @@
+"""The centralized engine: the paper's synchronous parameter server on Dask.
+
+Per model update, ``P`` gradient tasks compute summed gradients of their
+slice on the current weights, and one update task (the parameter server)
+adds them, divides by ``B`` and takes the optimizer step. The weights reach
+the gradient tasks as a Dask future of tensors, so they travel worker to
+worker without passing through the client; the training set travels once per
+worker per fit (see :mod:`._worker`).
+
+The server's state (weights and optimizer state) is a value returned by one
+update task and consumed by the next, so a lost worker costs only a
+recomputation that Dask does from the task lineage. For dampers that do not
+look at the model, the client submits a whole run of updates without waiting
+for any of them; adaptive dampers read each update's loss first.
+"""
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..dampers import BaseDamper, TrainState
+from ..schedule import UpdatePlan, advance, epoch_permutation, next_update
+from . import _step, _worker
+from ._dask import DaskEngine, host_of, workers_per_host
+from .base import OnUpdate, UpdateRecord
+
+EVAL_CHUNK = 1024
+
+
+@dataclass
+class ServerState:
+    module_state: dict
+    optimizer_state: dict
+    token: str
+
+
+@dataclass
+class UpdateInfo:
+    loss: float
+    grad_stats: dict
+    finished: float
+    """Wall-clock time (``time.time()``) the update task finished."""
+
+
+def gradient_task(payload: _worker.PayloadRef, weights: dict, token: str, indices: torch.Tensor,
+                  needs_stats: bool, workers_on_host: int) -> tuple[list[torch.Tensor], float, float, int]:
+    """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
+    model = _worker.worker_model(payload)
+    _worker.set_threads_for(workers_on_host)
+    _worker.load_state(model, weights, None, token)
+    model.module.train()
+    model.optimizer.zero_grad(set_to_none=True)
+    loss = 0.0
+    if len(indices):
+        idx = indices.to(model.X.device)
+        loss = _step.accumulate_gradient_sum(model.module, model.criterion, model.X[idx], model.y[idx],
+                                             model.config.worker_max_batch_size)
+    grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module)]
+    sq = _step.squared_norm(grads) / len(indices) ** 2 if needs_stats and len(indices) else 0.0
+    return grads, loss, sq, len(indices)
+
+
+def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePlan, update: int,
+                base_lrs: list[float], needs_stats: bool, *results) -> tuple[ServerState, dict, UpdateInfo]:
+    """The parameter server's step: add the workers' sums, divide by ``B``, step."""
+    model = _worker.worker_model(payload)
+    _worker.load_state(model, server.module_state, server.optimizer_state, server.token)
+    params = list(model.module.parameters())
+    total_loss = sum(r[1] for r in results)
+    loss = total_loss / plan.batch_size
+    lr = base_lrs[0] * plan.lr_factor
+    _step.check_finite(loss, update, plan.batch_size, lr)
+    for i, p in enumerate(params):
+        p.grad = sum(r[0][i] for r in results).to(p.device)
+    stats = {}
+    if needs_stats:
+        mean_sq = _step.squared_norm([p.grad for p in params]) / plan.batch_size**2
+        stats = _step.gradient_stats(mean_sq, sum(r[2] for r in results), len(results), plan.batch_size)
+    _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
+    module_state, optimizer_state = _worker.export_state(model)
+    new = ServerState(module_state, optimizer_state, token=f"{server.token}+{update}")
+    model.state_token = (new.token, True)  # the worker now holds exactly this state
+    return new, module_state, UpdateInfo(loss, stats, time.time())
+
+
+def loss_task(payload: _worker.PayloadRef, weights: dict, token: str, indices: torch.Tensor) -> float:
+    model = _worker.worker_model(payload)
+    _worker.load_state(model, weights, None, token)
+    chunk = model.config.worker_max_batch_size or EVAL_CHUNK
+    idx = indices.to(model.X.device)
+    return _step.loss_sum(model.module, model.criterion, model.X[idx], model.y[idx], chunk)
+
+
+class CentralizedEngine(DaskEngine):
+    """A parameter server on Dask futures: ``P`` gradient tasks and one update task per update."""
+
+    name = "centralized"
+
+    def run_epoch(self, epoch: int, damper: BaseDamper, state: TrainState,
+                  on_update: OnUpdate) -> None:
+        client, config = self.client, self.config
+        n = self.n_examples
+        order = torch.from_numpy(epoch_permutation(config.seed, epoch, n))
+        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        payload = self.ensure_payload()
+        module_state, optimizer_state = self.client_state()
+        # Scattered data has no lineage: this reference keeps it until the epoch ends.
+        initial = server = client.scatter(
+            ServerState(module_state, optimizer_state, f"{self.fit_id}-{epoch}"), hash=False)
+        weights = client.submit(operator.attrgetter("module_state"), server, pure=False)
+        token = client.submit(operator.attrgetter("token"), server, pure=False)
+        pending: list[tuple[UpdatePlan, int, object]] = []
+        epoch_began = time.time()
+        last_finished = [epoch_began]
+
+        def flush() -> None:
+            """Wait for the submitted updates and record them in order."""
+            infos = client.gather([info for _, _, info in pending])
+            for (plan, workers, _), info in zip(pending, infos):
+                on_update(UpdateRecord(plan.damping, plan.batch_size, base_lrs[0] * plan.lr_factor,
+                                       workers, info.loss, info.finished - last_finished[0],
+                                       info.grad_stats))
+                last_finished[0] = info.finished
+            if damper.adaptive and infos:
+                state.last_loss, state.grad_stats = infos[-1].loss, infos[-1].grad_stats
+            pending.clear()
+
+        offset, last_wanted = 0, None
+        while offset < n:
+            if damper.needs_loss and damper.loss_due(state):
+                flush()
+                state.train_loss = self._training_loss(damper, state, weights, token)
+            plan = next_update(damper, state, config.max_batch_size, offset)
+            wanted = self.wanted_workers(plan.full_batch_size)
+            if wanted != last_wanted:
+                flush()  # rescale between updates, never under running tasks
+                self.scaler.scale_to(wanted)
+                last_wanted = wanted
+            workers = self.scaler.workers()
+            per_host = workers_per_host(workers)
+            batch = order[offset : offset + plan.batch_size]
+            grads = [
+                client.submit(gradient_task, payload, weights, token, batch[lo:hi],
+                              damper.needs_grad_stats, per_host[host_of(w)], workers=[w],
+                              allow_other_workers=True, pure=False)
+                for w, (lo, hi) in zip(workers, _step.split_slices(plan.batch_size, len(workers)))
+            ]
+            result = client.submit(update_task, payload, server, plan,
+                                   state.model_updates + 1, base_lrs, damper.needs_grad_stats, *grads,
+                                   workers=[workers[0]], allow_other_workers=True, pure=False)
+            server = client.submit(operator.itemgetter(0), result, pure=False)
+            weights = client.submit(operator.itemgetter(1), result, pure=False)
+            token = client.submit(lambda s: s.token, server, pure=False)
+            info = client.submit(operator.itemgetter(2), result, pure=False)
+            pending.append((plan, len(workers), info))
+            advance(state, plan.batch_size)
+            offset += plan.batch_size
+            if damper.adaptive:
+                flush()
+        flush()
+        final = server.result()
+        self.adopt_state(final.module_state, final.optimizer_state)
+        initial.release()
+
+    def _training_loss(self, damper: BaseDamper, state: TrainState, weights, token) -> float:
+        fraction = getattr(damper, "loss_fraction", 1.0)
+        idx = torch.from_numpy(_step.loss_indices(self.config.seed, state.model_updates,
+                                                  self.n_examples, fraction))
+        workers = self.scaler.workers() or [None]
+        parts = [
+            self.client.submit(loss_task, self.ensure_payload(), weights, token, idx[lo:hi],
+                               workers=[w] if w else None, allow_other_workers=True, pure=False)
+            for w, (lo, hi) in zip(workers, _step.split_slices(len(idx), len(workers)))
+        ]
+        return sum(self.client.gather(parts)) / len(idx)
