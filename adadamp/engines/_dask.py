@@ -18,6 +18,10 @@ from . import _worker
 from .base import Engine, TrainConfig
 
 
+def _hold(value):
+    return value
+
+
 def host_of(address: str) -> str:
     """The host part of a Dask worker address such as ``tcp://10.0.0.5:4321``."""
     return urlparse(address).hostname or address
@@ -65,14 +69,25 @@ class DaskEngine(Engine):
         self.ensure_payload()
 
     def ensure_payload(self) -> _worker.PayloadRef:
-        """The payload's handle, scattering it again if the cluster lost it (e.g. its
-        holder was removed)."""
-        if self.payload_future is None or self.payload_future.status in ("lost", "error", "cancelled"):
-            # hash=False: two fits of equal data must not share (and later free) one key.
-            self.payload_future = self.client.scatter(self._payload, hash=False)
+        """The payload's handle (created on first use)."""
+        if self.payload_future is None:
+            self.payload_future = self.hold(self._payload)
             self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
-            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name, override=True)
+            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
         return self.payload_ref
+
+    def hold(self, value):
+        """A future of ``value`` that the cluster can always rebuild.
+
+        Scattered data has no lineage: when the workers holding it leave (the
+        cluster shrinks, a worker dies), it is gone. A task that returns the
+        value keeps it in its spec, so Dask recomputes it where it is needed.
+        """
+        return self.client.submit(_hold, value, pure=False)
+
+    def scale_to(self, workers: int) -> int:
+        """Give the cluster ``workers`` workers, as far as it can."""
+        return self.scaler.scale_to(workers)
 
     def wanted_workers(self, batch_size: int) -> int:
         c = self.config

@@ -8,8 +8,9 @@ worker without passing through the client; the training set travels once per
 worker per fit (see :mod:`._worker`).
 
 The server's state (weights and optimizer state) is a value returned by one
-update task and consumed by the next, so a lost worker costs only a
-recomputation that Dask does from the task lineage. For dampers that do not
+update task and consumed by the next, rooted in a task that holds the
+epoch's starting state, so a lost worker costs only a recomputation that Dask
+does from the task lineage. For dampers that do not
 look at the model, the client submits a whole run of updates without waiting
 for any of them; adaptive dampers read each update's loss first.
 """
@@ -107,9 +108,7 @@ class CentralizedEngine(DaskEngine):
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         payload = self.ensure_payload()
         module_state, optimizer_state = self.client_state()
-        # Scattered data has no lineage: this reference keeps it until the epoch ends.
-        initial = server = client.scatter(
-            ServerState(module_state, optimizer_state, f"{self.fit_id}-{epoch}"), hash=False)
+        server = self.hold(ServerState(module_state, optimizer_state, f"{self.fit_id}-{epoch}"))
         weights = client.submit(operator.attrgetter("module_state"), server, pure=False)
         token = client.submit(operator.attrgetter("token"), server, pure=False)
         pending: list[tuple[UpdatePlan, int, object]] = []
@@ -137,7 +136,7 @@ class CentralizedEngine(DaskEngine):
             wanted = self.wanted_workers(plan.full_batch_size)
             if wanted != last_wanted:
                 flush()  # rescale between updates, never under running tasks
-                self.scaler.scale_to(wanted)
+                self.scale_to(wanted)
                 last_wanted = wanted
             workers = self.scaler.workers()
             per_host = workers_per_host(workers)
@@ -163,7 +162,6 @@ class CentralizedEngine(DaskEngine):
         flush()
         final = server.result()
         self.adopt_state(final.module_state, final.optimizer_state)
-        initial.release()
 
     def _training_loss(self, damper: BaseDamper, state: TrainState, weights, token) -> float:
         fraction = getattr(damper, "loss_fraction", 1.0)

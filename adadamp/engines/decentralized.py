@@ -181,7 +181,7 @@ class DecentralizedEngine(DaskEngine):
         module_state, optimizer_state = self.client_state()
         offset, target, restarts = 0, self.guess_workers(damper, state, 0), 0
         while offset < self.n_examples:
-            world = self.scaler.scale_to(target)
+            world = self.scale_to(target)
             start = SegmentStart(epoch, offset, target, module_state, optimizer_state,
                                  damper, state, token=f"{self.fit_id}-{epoch}-{offset}-{restarts}")
             try:
@@ -232,7 +232,10 @@ class DecentralizedEngine(DaskEngine):
         pending = list(futures)
         while pending:
             try:
-                wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
+                # distributed.wait uses the default client; the fit's client may not
+                # be it (an embedded cluster's never is), so make it current here.
+                with self.client.as_current():
+                    wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 # A rank whose worker died is rescheduled nowhere (it is pinned):
                 # notice the worker's absence instead of waiting forever.
