@@ -228,6 +228,8 @@ class _DampedNetMixin:
         on_epoch_kwargs = {"dataset_train": dataset_train, "dataset_valid": dataset_valid}
 
         engine = make_engine(self._resolved_backend(), self._train_config(), self.client)
+        # The Dask engines name each fit; the workers file its module and data under it.
+        self.fit_id_: str | None = getattr(engine, "fit_id", None)
         try:
             engine.start(self.module_, self.optimizer_, self.criterion_, X_train, y_train)
             for _ in range(epochs):
