@@ -98,13 +98,15 @@ def test_hand_computed_sequences():
             assert all(math.isclose(f, lr) for f in epoch), (name, e, epoch)
 
 
-def test_update_ratios_at_default_scale():
-    # The digits run: 1437 training images, initial batch 16, 20 epochs.
+@pytest.mark.parametrize("batch", [16, 32])
+def test_update_ratios_at_default_scale(batch):
+    # The digits run: 1437 training images, 20 epochs.
     counts = {}
-    for s in smith_schedules(20, initial_batch_size=16):
+    for s in smith_schedules(20, initial_batch_size=batch):
         counts[s.name] = sum(len(e) for e in plan_epochs(s.damper, 1437, 20, s.max_batch_size))
-    assert counts["Dec. LR"] == 20 * 90
-    assert counts["Inc. BS"] == 6 * 90 + 6 * 18 + 6 * 4 + 2 * 1
+    per_epoch = [math.ceil(1437 / (batch * 5**k)) for k in range(4)]
+    assert counts["Dec. LR"] == 20 * per_epoch[0]
+    assert counts["Inc. BS"] == 6 * sum(per_epoch[:3]) + 2 * per_epoch[3]
     assert counts["Dec. LR"] / counts["Inc. BS"] >= 2.5
     assert counts["Dec. LR"] / counts["Hybrid*2"] >= 4
 
@@ -121,7 +123,7 @@ def test_bad_arguments(kwargs):
 
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["compare", "--epochs", "2", "--n-train", "300", "--seeds", "1",
+    rc = main(["compare", "--epochs", "2", "--n-train", "300", "--seeds", "1", "--batch-size", "16",
                "--backend", "local", "--no-progress", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out

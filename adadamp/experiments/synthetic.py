@@ -366,12 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("synthetic-out"),
                         help="folder for the figures and synthetic.json (default synthetic-out)")
-    for name in ("n_train", "n_test", "d", "batch_size", "epochs", "gd_epochs", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                            help=f"default {getattr(defaults, name)}")
-    for name in ("noise", "lr", "pada_rate", "threshold_factor"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float,
-                            default=getattr(defaults, name), help=f"default {getattr(defaults, name)}")
+    numeric = [(name, int) for name in
+               ("n_train", "n_test", "d", "batch_size", "epochs", "gd_epochs", "seed")]
+    numeric += [(name, float) for name in ("noise", "lr", "pada_rate", "threshold_factor")]
+    for name, kind in numeric:
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
+                            help=f"default {default}")
     args = parser.parse_args(argv)
     config = SyntheticConfig(**{k: v for k, v in vars(args).items() if k != "out"})
     result = run_synthetic(config)
