@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import uuid
-from collections import Counter
 from urllib.parse import urlparse
 
 import torch
@@ -25,10 +24,6 @@ def _hold(value):
 def host_of(address: str) -> str:
     """The host part of a Dask worker address such as ``tcp://10.0.0.5:4321``."""
     return urlparse(address).hostname or address
-
-
-def workers_per_host(addresses: list[str]) -> Counter:
-    return Counter(host_of(a) for a in addresses)
 
 
 class DaskEngine(Engine):

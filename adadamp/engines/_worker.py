@@ -10,7 +10,6 @@ with its replicas. Per update, only weights, gradients and indices travel.
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from collections import defaultdict
 from dataclasses import dataclass
@@ -137,16 +136,6 @@ def export_state(model: WorkerModel) -> tuple[dict, dict]:
     module_state = {k: v.detach().to("cpu", copy=True) for k, v in model.module.state_dict().items()}
     optimizer_state = copy.deepcopy(model.optimizer.state_dict())
     return module_state, optimizer_state
-
-
-def set_threads_for(workers_on_host: int) -> None:
-    """Share this machine's cores among the workers that run on it.
-
-    PyTorch starts one compute thread per core in every process; with several
-    workers on one machine that oversubscribes the cores.
-    """
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, workers_on_host)))
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ import torch
 from ..dampers import BaseDamper, TrainState
 from ..schedule import UpdatePlan, advance, epoch_permutation, next_update
 from . import _step, _worker
-from ._dask import DaskEngine, host_of, workers_per_host
+from ._dask import DaskEngine
 from .base import OnUpdate, UpdateRecord
 
 EVAL_CHUNK = 1024
@@ -47,10 +47,9 @@ class UpdateInfo:
 
 
 def gradient_task(payload: _worker.PayloadRef, weights: dict, token: str, indices: torch.Tensor,
-                  needs_stats: bool, workers_on_host: int) -> tuple[list[torch.Tensor], float, float, int]:
+                  needs_stats: bool) -> tuple[list[torch.Tensor], float, float, int]:
     """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
     model = _worker.worker_model(payload)
-    _worker.set_threads_for(workers_on_host)
     _worker.load_state(model, weights, None, token)
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
@@ -139,11 +138,10 @@ class CentralizedEngine(DaskEngine):
                 self.scale_to(wanted)
                 last_wanted = wanted
             workers = self.scaler.workers()
-            per_host = workers_per_host(workers)
             batch = order[offset : offset + plan.batch_size]
             grads = [
                 client.submit(gradient_task, payload, weights, token, batch[lo:hi],
-                              damper.needs_grad_stats, per_host[host_of(w)], workers=[w],
+                              damper.needs_grad_stats, workers=[w],
                               allow_other_workers=True, pure=False)
                 for w, (lo, hi) in zip(workers, _step.split_slices(plan.batch_size, len(workers)))
             ]

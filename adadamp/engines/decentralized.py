@@ -28,7 +28,7 @@ from ..exceptions import ConvergenceError
 from ..scaling import available_workers, workers_for
 from ..schedule import advance, epoch_permutation, next_update
 from . import _step, _worker
-from ._dask import DaskEngine, host_of, workers_per_host
+from ._dask import DaskEngine, host_of
 from .base import OnUpdate, UpdateRecord
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ def _process_group(host: str, port: int, rank: int, world: int, device: str):
 
 
 def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int,
-                host: str, port: int, workers_on_host: int) -> SegmentResult | None:
+                host: str, port: int) -> SegmentResult | None:
     """Run updates on this rank until the epoch ends or the worker count must change."""
     model = _worker.worker_model(payload)
     config = model.config
-    _worker.set_threads_for(workers_on_host)
     _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
     module, optimizer, damper, state = model.module, model.optimizer, start.damper, start.state
     device = model.X.device
@@ -213,11 +212,10 @@ class DecentralizedEngine(DaskEngine):
         world = len(workers)
         payload = self.ensure_payload()
         port = self.client.submit(_worker.free_port, workers=[workers[0]], pure=False).result()
-        per_host = workers_per_host(workers)
         futures = [
             self.client.submit(
                 run_segment, payload, start, rank, world, host_of(workers[0]), port,
-                per_host[host_of(address)], workers=[address], allow_other_workers=False,
+                workers=[address], allow_other_workers=False,
                 pure=False, key=f"adadamp-segment-{start.token}-{rank}")
             for rank, address in enumerate(workers)
         ]
