@@ -12,6 +12,7 @@ rescales the cluster, and a new process group starts from that state.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import time
@@ -86,7 +87,9 @@ def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, wor
     model = _worker.worker_model(payload)
     config = model.config
     _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    module, optimizer, damper, state = model.module, model.optimizer, start.damper, start.state
+    module, optimizer = model.module, model.optimizer
+    # ``start`` may be the very object Dask serves to the other ranks: never mutate it.
+    damper, state = copy.deepcopy(start.damper), copy.deepcopy(start.state)
     device = model.X.device
     group = _process_group(host, port, rank, world, config.device) if world > 1 else None
 
@@ -212,9 +215,11 @@ class DecentralizedEngine(DaskEngine):
         world = len(workers)
         payload = self.ensure_payload()
         port = self.client.submit(_worker.free_port, workers=[workers[0]], pure=False).result()
+        # One copy of the starting state goes to the cluster; ranks fetch it from there.
+        start_future = self.hold(start)
         futures = [
             self.client.submit(
-                run_segment, payload, start, rank, world, host_of(workers[0]), port,
+                run_segment, payload, start_future, rank, world, host_of(workers[0]), port,
                 workers=[address], allow_other_workers=False,
                 pure=False, key=f"adadamp-segment-{start.token}-{rank}")
             for rank, address in enumerate(workers)
@@ -223,22 +228,22 @@ class DecentralizedEngine(DaskEngine):
             self._wait_for_segment(futures, workers)
             return futures[0].result()
         finally:
-            self.client.cancel(futures)
+            self.client.cancel(futures + [start_future])
 
     def _wait_for_segment(self, futures, workers: list[str]) -> None:
         """Wait for all ranks; a failed rank or a vanished worker ends the wait."""
-        pending = list(futures)
+        pending, misses = list(futures), 0
         while pending:
             try:
-                # distributed.wait uses the default client; the fit's client may not
-                # be it (an embedded cluster's never is), so make it current here.
-                with self.client.as_current():
-                    wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
+                wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 # A rank whose worker died is rescheduled nowhere (it is pinned):
-                # notice the worker's absence instead of waiting forever.
+                # notice the worker's absence instead of waiting forever. Two
+                # polls in a row, so one slow answer from a busy scheduler
+                # does not restart a healthy segment.
                 gone = set(workers) - set(available_workers(self.client))
-                if gone:
+                misses = misses + 1 if gone else 0
+                if misses >= 2:
                     raise _LostWorkers(RuntimeError(f"worker(s) {sorted(gone)} left the cluster"))
                 continue
             failed = [f for f in futures if f.status == "error"]
