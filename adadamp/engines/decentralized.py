@@ -235,7 +235,10 @@ class DecentralizedEngine(DaskEngine):
         pending, misses = list(futures), 0
         while pending:
             try:
-                wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
+                # distributed.wait waits with the default client; the fit's client
+                # may not be it (an embedded cluster's never is): make it current.
+                with self.client.as_current():
+                    wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 # A rank whose worker died is rescheduled nowhere (it is pinned):
                 # notice the worker's absence instead of waiting forever. Two
