@@ -1,0 +1,258 @@
+"""The Dask engines against the local one, on a real cluster of worker processes.
+
+One process ``LocalCluster`` serves the whole module (see ``conftest.py``);
+the fits scale it themselves through ``min_workers``/``max_workers``. Tests
+are ordered so that it mostly grows: starting a worker process takes seconds.
+Worker failures and clusters started by the estimator itself are tested in
+``test_engines_lifecycle.py``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import psutil
+import pytest
+import torch
+from estimator_helpers import MLP, digits, regression, updates, weights
+from estimator_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from skorch.callbacks import Callback
+
+from adadamp import ConvergenceError
+from adadamp.dampers import AdaDamp, GeoDamp, RadaDamp
+from adadamp.engines._worker import data_arrivals
+from adadamp.estimators import DaskClassifier, DaskRegressor
+
+DASK_BACKENDS = ("centralized", "decentralized")
+
+
+def cluster_size(client) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def assert_weights_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol: float):
+    """Every tensor within ``rtol`` of the reference, relative to its largest entry."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        err = float((a - e).abs().max() / e.abs().max())
+        assert err <= rtol, f"relative difference {err:.3g} > {rtol}"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.parametrize("backend", ["auto", *DASK_BACKENDS])
+@pytest.mark.parametrize(
+    "client, error, match",
+    [
+        (8786, TypeError, r"client must be None .* or a distributed\.Client; got int"),
+        ("127.0.0.1", ValueError, r"client='127\.0\.0\.1' is not a scheduler address"),
+        ("http://127.0.0.1:8786", ValueError, r"unknown scheme 'http'"),
+        ("127.0.0.1:99999", ValueError, r"client='127\.0\.0\.1:99999' is not a scheduler address"),
+        ("scheduler:8786 ", ValueError, r"is not a scheduler address"),
+    ],
+    ids=["int", "no-port", "http", "port-out-of-range", "trailing-space"],
+)
+def test_bad_client_fails_before_any_cluster_work(backend, client, error, match):
+    X, y = regression(n=32)
+    est = DaskRegressor(MLP, module__features=5, module__out=1, batch_size=16, max_epochs=1,
+                        backend=backend, client=client, verbose=0)
+    children = _children()
+    with pytest.raises(error, match=match):
+        est.fit(X, y)
+    # No worker process was started and nothing trained.
+    assert _children() == children
+    assert not any("model_updates" in row for row in est.history_)
+
+
+@pytest.mark.parametrize("backend", ["dask", "Local", "", None, 1])
+def test_bad_backend_fails_before_any_cluster_work(backend):
+    X, y = regression(n=32)
+    est = DaskRegressor(MLP, module__features=5, module__out=1, batch_size=16, max_epochs=1,
+                        backend=backend, verbose=0)
+    children = _children()
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'local', "
+                                         r"'centralized', 'decentralized'\), got "):
+        est.fit(X, y)
+    assert _children() == children
+
+
+# --------------------------------------------------------------------------- same weights
+
+EQ_N, EQ_BATCH, EQ_EPOCHS = 240, 48, 2
+
+
+def _equivalence_fit(backend: str, client=None, workers: int = 1) -> DaskClassifier:
+    X, y = digits(EQ_N)
+    torch.manual_seed(0)  # the module's initial weights
+    module = MLP(features=64, hidden=16, out=10)
+    est = DaskClassifier(module, batch_size=EQ_BATCH, max_epochs=EQ_EPOCHS, lr=0.1,
+                         optimizer=torch.optim.SGD, optimizer__momentum=0.9, train_split=None,
+                         backend=backend, client=client, random_state=7,
+                         min_workers=workers, max_workers=workers, verbose=0)
+    return est.fit(X, y)
+
+
+@pytest.fixture(scope="module")
+def local_reference() -> DaskClassifier:
+    return _equivalence_fit("local")
+
+
+# Worker counts ascend so that the shared cluster only grows.
+@pytest.mark.parametrize(
+    "workers, backend", [(p, b) for p in (1, 2, 3) for b in DASK_BACKENDS],
+    ids=[f"{b}-{p}" for p in (1, 2, 3) for b in DASK_BACKENDS])
+def test_dask_engines_match_local_weights(dask_client, local_reference, workers, backend):
+    est = _equivalence_fit(backend, dask_client, workers)
+    planned = EQ_EPOCHS * math.ceil(EQ_N / EQ_BATCH)
+    assert est.history_[-1]["model_updates"] == planned
+    assert updates(est, "workers") == [workers] * planned
+    assert updates(est, "train_batch_size") == updates(local_reference, "train_batch_size")
+    assert cluster_size(dask_client) == workers
+    assert_weights_close(weights(est), weights(local_reference), rtol=1e-5)
+    # The loss of every update too, not only where the run ended.
+    assert updates(est, "train_loss") == pytest.approx(updates(local_reference, "train_loss"),
+                                                       rel=1e-5)
+
+
+# --------------------------------------------------------------------------- workers follow B
+
+
+class ClusterSizes(Callback):
+    """Records how many workers the cluster has at the end of every epoch."""
+
+    def __init__(self, client, sizes: list):
+        self.client = client
+        self.sizes = sizes
+
+    def on_epoch_end(self, net, **kwargs):
+        self.sizes.append(cluster_size(self.client))
+
+
+GROW_N = 128  # epochs of 4, 2 and 1 updates at B = 32, 64, 128
+
+
+@pytest.fixture(scope="module", params=DASK_BACKENDS)
+def growing_fit(request, dask_client):
+    """A fit whose batch size doubles every epoch, with one worker per 32 examples (<= 4)."""
+    X, y = digits(GROW_N)
+    sizes: list[int] = []
+    torch.manual_seed(0)
+    est = DaskClassifier(MLP, module__hidden=16, batch_size=GeoDamp, batch_size__initial=32,
+                         batch_size__delay=1, batch_size__factor=2, grads_per_worker=32,
+                         max_workers=4, max_epochs=3, lr=0.05, train_split=None,
+                         backend=request.param, client=dask_client, random_state=0,
+                         callbacks=[("cluster_sizes", ClusterSizes(dask_client, sizes))],
+                         verbose=0)
+    est.fit(X, y)  # from whatever size an earlier test left: the first epoch scales to 1
+    return est, sizes
+
+
+def test_worker_count_follows_batch_size(dask_client, growing_fit):
+    est, sizes = growing_fit
+    per_epoch = [[b["workers"] for b in epoch["batches"]] for epoch in est.history_]
+    assert per_epoch == [[1] * 4, [2] * 2, [4]]
+    assert updates(est, "train_batch_size") == [32] * 4 + [64] * 2 + [128]
+    assert [epoch["workers"] for epoch in est.history_] == [1, 2, 4]
+    # The cluster itself changed size, epoch by epoch.
+    assert sizes == [1, 2, 4]
+    assert cluster_size(dask_client) == 4
+
+
+def test_training_set_reaches_each_worker_once_per_fit(dask_client, growing_fit):
+    est, _ = growing_fit
+    assert isinstance(est.fit_id_, str)
+    # Every worker trained in the last epoch (4 workers, 4 slices): each got the
+    # data once over the three epochs and the two rescalings.
+    arrivals = dask_client.run(data_arrivals, est.fit_id_)
+    assert len(arrivals) == 4
+    assert set(arrivals.values()) == {1}, arrivals
+
+
+def test_local_fit_has_no_fit_id(local_reference):
+    assert local_reference.fit_id_ is None
+
+
+# --------------------------------------------------------------------------- adaptive dampers
+
+
+DAMPERS = {
+    "adadamp-dwell": dict(batch_size=AdaDamp, batch_size__initial=16, batch_size__dwell=3,
+                          batch_size__loss_fraction=0.5),
+    "radadamp-loss": dict(batch_size=RadaDamp, batch_size__initial=16, batch_size__rho=0.5),
+    "radadamp-grad": dict(batch_size=RadaDamp, batch_size__initial=16, batch_size__rho=0.5,
+                          batch_size__signal="grad_norm"),
+}
+
+
+def _adaptive_fit(params: dict, backend: str, client=None) -> DaskRegressor:
+    X, y = regression(n=192, features=5)
+    torch.manual_seed(1)
+    module = MLP(features=5, hidden=16, out=1)
+    est = DaskRegressor(module, **params, max_epochs=3, lr=0.05, optimizer=torch.optim.SGD,
+                        backend=backend, client=client, random_state=3,
+                        min_workers=2, max_workers=2, verbose=0)
+    return est.fit(X, y)
+
+
+@pytest.mark.parametrize("name", DAMPERS)
+def test_adaptive_damper_agrees_across_ranks(dask_client, name):
+    local = _adaptive_fit(DAMPERS[name], "local")
+    dist = _adaptive_fit(DAMPERS[name], "decentralized", dask_client)
+    sizes = updates(local, "train_batch_size")
+    assert len(set(sizes)) > 2, "the damper did not adapt: the test would prove nothing"
+    assert updates(dist, "train_batch_size") == sizes
+    assert updates(dist, "damping") == pytest.approx(updates(local, "damping"), rel=1e-4)
+    assert updates(dist, "train_loss") == pytest.approx(updates(local, "train_loss"), rel=1e-4)
+    assert set(updates(dist, "workers")) == {2}
+    assert_weights_close(weights(dist), weights(local), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _diverging_fit(backend: str, client=None) -> tuple[DaskRegressor, ConvergenceError]:
+    X, y = regression(n=64)
+    y = y * 1e6  # targets far from the scale of the initial predictions
+    torch.manual_seed(0)
+    est = DaskRegressor(MLP(features=5, out=1), lr=10.0, max_epochs=50, batch_size=16,
+                        backend=backend, client=client, random_state=0,
+                        min_workers=2, max_workers=2, verbose=0)
+    with pytest.raises(ConvergenceError, match=r"model update \d+") as info:
+        est.fit(X, y)
+    return est, info.value
+
+
+@pytest.mark.parametrize("backend", DASK_BACKENDS)
+def test_convergence_error_reaches_caller_and_leaves_no_task_running(dask_client, backend):
+    _, local_error = _diverging_fit("local")
+    _, error = _diverging_fit(backend, dask_client)
+    # The same update diverged, and the message says so as the local engine's does.
+    assert str(error) == str(local_error)
+    deadline = time.monotonic() + 10
+    while any(dask_client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(dask_client.processing().values()), dask_client.processing()
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decentralized_fit_on_cuda_keeps_the_module_on_the_gpu():
+    X, y = digits(256)
+    torch.manual_seed(0)
+    est = DaskClassifier(MLP, module__hidden=16, batch_size=32, max_epochs=3, lr=0.1,
+                         train_split=None, device="cuda", backend="decentralized",
+                         client=None, max_workers=1, random_state=0, verbose=0)
+    est.fit(X, y)
+    assert all(p.device.type == "cuda" for p in est.module_.parameters())
+    assert set(updates(est, "workers")) == {1}
+    assert est.history_[-1]["model_updates"] == 3 * 8
+    losses = [epoch["train_loss"] for epoch in est.history_]
+    assert losses[-1] < losses[0]
+    assert est.predict(X).shape == (256,)
