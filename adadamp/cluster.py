@@ -61,7 +61,8 @@ def _check_address(address: str) -> None:
         if scheme == "inproc":
             # In-process addresses ("inproc://host/pid/n") have no port.
             return
-        default_port: int | None = 8786  # Dask's default scheduler port
+        # Dask's default scheduler port, which distributed.Client does not fill in itself.
+        default_port: int | None = 8786
     else:
         default_port = None  # without a scheme, demand an explicit "host:port"
         location = address
@@ -71,6 +72,15 @@ def _check_address(address: str) -> None:
         raise ValueError(f"{hint} ({exc})") from None
     if not host or not 0 < int(port) < 65536:
         raise ValueError(hint)
+
+
+def _with_port(address: str) -> str:
+    """``address`` with Dask's default scheduler port when it names none."""
+    if "://" not in address or address.startswith("inproc://"):
+        return address
+    _, location = address.split("://", 1)
+    host, port = parse_host_port(location, default_port=8786)
+    return address if location.endswith(f":{port}") else f"{address}:{port}"
 
 
 def validate_client(client: Any) -> None:
@@ -248,7 +258,7 @@ def cluster_client(
 
     if isinstance(client, str):
         try:
-            connected = Client(client, timeout=connect_timeout, set_as_default=False)
+            connected = Client(_with_port(client), timeout=connect_timeout, set_as_default=False)
         except OSError as exc:
             raise OSError(
                 f"no Dask scheduler answered at client={client!r} within {connect_timeout} s: "

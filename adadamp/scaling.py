@@ -1,7 +1,6 @@
 """How many workers a batch size calls for, and making a cluster have them."""
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from typing import TYPE_CHECKING
@@ -47,14 +46,14 @@ def _address_key(address: str) -> tuple[str, str, int, str]:
 
 
 def _workers_info(client: Client) -> dict[str, dict]:
-    """The scheduler's workers, all of them.
+    """The scheduler's workers, all of them, asked of the scheduler itself.
 
-    Recent ``distributed`` versions take ``n_workers`` (and one release
-    listed only 5 workers by default); older ones do not take it.
+    ``client.scheduler_info()`` can answer from a cache that the client
+    refreshes in the background without per-worker entries, so it sometimes
+    lists no workers at all; the engines would then see a healthy cluster as
+    empty.
     """
-    if "n_workers" in inspect.signature(client.scheduler_info).parameters:
-        return client.scheduler_info(n_workers=-1)["workers"]
-    return client.scheduler_info()["workers"]
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
 def available_workers(client: Client) -> list[str]:
