@@ -85,5 +85,8 @@ def check_estimator_params(est) -> None:
         )
     if est.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {est.backend!r}.")
+    from .cluster import validate_client  # imports distributed: only when fitting
+
+    validate_client(est.client)  # on every backend: a typo must not train silently
     if est.random_state is not None and not _is_int(est.random_state):
         raise TypeError(f"random_state must be None or an int, got {est.random_state!r}.")
