@@ -8,7 +8,6 @@ from .dampers import (
     PadaDamp,
     RadaDamp,
 )
-from .estimators import DaskClassifier, DaskRegressor
 from .exceptions import ConvergenceError
 
 __all__ = [
@@ -24,3 +23,13 @@ __all__ = [
     "RadaDamp",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The estimators pull in skorch and scikit-learn (about 1.5 s). Dask
+    # workers import this package for the engines alone: load them on use.
+    if name in ("DaskClassifier", "DaskRegressor"):
+        from . import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'adadamp' has no attribute {name!r}")
