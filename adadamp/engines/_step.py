@@ -24,8 +24,8 @@ def split_slices(batch_size: int, workers: int) -> list[tuple[int, int]]:
     Sizes differ by at most one; with more workers than examples, the extra
     workers get empty slices.
     """
-    bounds = np.linspace(0, batch_size, workers + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    bounds = [batch_size * r // workers for r in range(workers + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def accumulate_gradient_sum(

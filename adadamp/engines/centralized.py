@@ -39,6 +39,18 @@ class ServerState:
 
 
 @dataclass
+class Weights:
+    """What gradient tasks need of the server's state: the module's, tagged."""
+
+    module_state: dict
+    token: str
+
+
+def weights_of(server: ServerState) -> Weights:
+    return Weights(server.module_state, server.token)
+
+
+@dataclass
 class UpdateInfo:
     loss: float
     grad_stats: dict
@@ -46,11 +58,11 @@ class UpdateInfo:
     """Wall-clock time (``time.time()``) the update task finished."""
 
 
-def gradient_task(payload: _worker.PayloadRef, weights: dict, token: str, indices: torch.Tensor,
+def gradient_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor,
                   needs_stats: bool) -> tuple[list[torch.Tensor], float, float, int]:
     """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
     model = _worker.worker_model(payload)
-    _worker.load_state(model, weights, None, token)
+    _worker.load_state(model, weights.module_state, None, weights.token)
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
     loss = 0.0
@@ -64,7 +76,7 @@ def gradient_task(payload: _worker.PayloadRef, weights: dict, token: str, indice
 
 
 def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePlan, update: int,
-                base_lrs: list[float], needs_stats: bool, *results) -> tuple[ServerState, dict, UpdateInfo]:
+                base_lrs: list[float], needs_stats: bool, *results) -> tuple[ServerState, Weights, UpdateInfo]:
     """The parameter server's step: add the workers' sums, divide by ``B``, step."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, server.module_state, server.optimizer_state, server.token)
@@ -83,12 +95,12 @@ def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePl
     module_state, optimizer_state = _worker.export_state(model)
     new = ServerState(module_state, optimizer_state, token=f"{server.token}+{update}")
     model.state_token = (new.token, True)  # the worker now holds exactly this state
-    return new, module_state, UpdateInfo(loss, stats, time.time())
+    return new, weights_of(new), UpdateInfo(loss, stats, time.time())
 
 
-def loss_task(payload: _worker.PayloadRef, weights: dict, token: str, indices: torch.Tensor) -> float:
+def loss_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor) -> float:
     model = _worker.worker_model(payload)
-    _worker.load_state(model, weights, None, token)
+    _worker.load_state(model, weights.module_state, None, weights.token)
     chunk = model.config.worker_max_batch_size or EVAL_CHUNK
     idx = indices.to(model.X.device)
     return _step.loss_sum(model.module, model.criterion, model.X[idx], model.y[idx], chunk)
@@ -108,8 +120,7 @@ class CentralizedEngine(DaskEngine):
         payload = self.ensure_payload()
         module_state, optimizer_state = self.client_state()
         server = self.hold(ServerState(module_state, optimizer_state, f"{self.fit_id}-{epoch}"))
-        weights = client.submit(operator.attrgetter("module_state"), server, pure=False)
-        token = client.submit(operator.attrgetter("token"), server, pure=False)
+        weights = client.submit(weights_of, server, pure=False)
         pending: list[tuple[UpdatePlan, int, object]] = []
         epoch_began = time.time()
         last_finished = [epoch_began]
@@ -130,7 +141,7 @@ class CentralizedEngine(DaskEngine):
         while offset < n:
             if damper.needs_loss and damper.loss_due(state):
                 flush()
-                state.train_loss = self._training_loss(damper, state, weights, token)
+                state.train_loss = self._training_loss(damper, state, weights)
             plan = next_update(damper, state, config.max_batch_size, offset)
             wanted = self.wanted_workers(plan.full_batch_size)
             if wanted != last_wanted:
@@ -140,7 +151,8 @@ class CentralizedEngine(DaskEngine):
             workers = self.scaler.workers()
             batch = order[offset : offset + plan.batch_size]
             grads = [
-                client.submit(gradient_task, payload, weights, token, batch[lo:hi],
+                # clone: a slice is a view, and would pickle the whole permutation.
+                client.submit(gradient_task, payload, weights, batch[lo:hi].clone(),
                               damper.needs_grad_stats, workers=[w],
                               allow_other_workers=True, pure=False)
                 for w, (lo, hi) in zip(workers, _step.split_slices(plan.batch_size, len(workers)))
@@ -150,7 +162,6 @@ class CentralizedEngine(DaskEngine):
                                    workers=[workers[0]], allow_other_workers=True, pure=False)
             server = client.submit(operator.itemgetter(0), result, pure=False)
             weights = client.submit(operator.itemgetter(1), result, pure=False)
-            token = client.submit(lambda s: s.token, server, pure=False)
             info = client.submit(operator.itemgetter(2), result, pure=False)
             pending.append((plan, len(workers), info))
             advance(state, plan.batch_size)
@@ -161,13 +172,13 @@ class CentralizedEngine(DaskEngine):
         final = server.result()
         self.adopt_state(final.module_state, final.optimizer_state)
 
-    def _training_loss(self, damper: BaseDamper, state: TrainState, weights, token) -> float:
+    def _training_loss(self, damper: BaseDamper, state: TrainState, weights) -> float:
         fraction = getattr(damper, "loss_fraction", 1.0)
         idx = torch.from_numpy(_step.loss_indices(self.config.seed, state.model_updates,
                                                   self.n_examples, fraction))
         workers = self.scaler.workers() or [None]
         parts = [
-            self.client.submit(loss_task, self.ensure_payload(), weights, token, idx[lo:hi],
+            self.client.submit(loss_task, self.ensure_payload(), weights, idx[lo:hi].clone(),
                                workers=[w] if w else None, allow_other_workers=True, pure=False)
             for w, (lo, hi) in zip(workers, _step.split_slices(len(idx), len(workers)))
         ]
