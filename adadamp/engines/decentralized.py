@@ -16,7 +16,7 @@ import copy
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,6 @@ class SegmentResult:
     state: TrainState
     wanted_workers: int | None = None
     """Set when the segment stopped because the damper wants another worker count."""
-    extra: dict = field(default_factory=dict)
 
 
 def _process_group(host: str, port: int, rank: int, world: int, device: str):
