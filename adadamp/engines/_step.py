@@ -17,6 +17,9 @@ from torch import nn
 
 from ..exceptions import ConvergenceError
 
+# Examples per forward pass when only evaluating the loss (no gradients kept).
+EVAL_CHUNK = 1024
+
 
 def split_slices(batch_size: int, workers: int) -> list[tuple[int, int]]:
     """``workers`` contiguous ``(start, stop)`` slices covering ``range(batch_size)``.

@@ -28,7 +28,6 @@ from . import _step, _worker
 from ._dask import DaskEngine
 from .base import OnUpdate, UpdateRecord
 
-EVAL_CHUNK = 1024
 
 
 @dataclass
@@ -101,7 +100,7 @@ def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePl
 def loss_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor) -> float:
     model = _worker.worker_model(payload)
     _worker.load_state(model, weights.module_state, None, weights.token)
-    chunk = model.config.worker_max_batch_size or EVAL_CHUNK
+    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
     idx = indices.to(model.X.device)
     return _step.loss_sum(model.module, model.criterion, model.X[idx], model.y[idx], chunk)
 

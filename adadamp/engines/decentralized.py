@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)
 # Segment restarts after lost workers, before the fit gives up.
 MAX_RESTARTS = 3
-EVAL_CHUNK = 1024
 # Seconds between checks that a segment's workers are still alive.
 LIVENESS_POLL_S = 1.0
 # What a rank raises when a peer or its own worker goes away.
@@ -164,7 +163,7 @@ def _sharded_loss(model: _worker.WorkerModel, damper: BaseDamper, state: TrainSt
     idx = _step.loss_indices(model.config.seed, state.model_updates, len(model.X), fraction)
     lo, hi = _step.split_slices(len(idx), world)[rank]
     mine = torch.from_numpy(idx[lo:hi]).to(model.X.device)
-    chunk = model.config.worker_max_batch_size or EVAL_CHUNK
+    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
     total = torch.zeros(1, dtype=torch.float64, device=model.X.device)
     if len(mine):
         total[0] = _step.loss_sum(model.module, model.criterion, model.X[mine], model.y[mine], chunk)

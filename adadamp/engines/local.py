@@ -11,8 +11,6 @@ from ..schedule import advance, epoch_permutation, next_update
 from . import _step
 from .base import Engine, OnUpdate, UpdateRecord
 
-# Examples per forward pass when only evaluating the loss.
-EVAL_CHUNK = 1024
 
 
 class LocalEngine(Engine):
@@ -31,7 +29,7 @@ class LocalEngine(Engine):
         idx = torch.from_numpy(
             _step.loss_indices(self.config.seed, state.model_updates, len(self.X), fraction)
         ).to(self.X.device)
-        chunk = self.config.worker_max_batch_size or EVAL_CHUNK
+        chunk = self.config.worker_max_batch_size or _step.EVAL_CHUNK
         return _step.loss_sum(self.module, self.criterion, self.X[idx], self.y[idx], chunk) / len(idx)
 
     def run_epoch(self, epoch: int, damper: BaseDamper, state: TrainState,
