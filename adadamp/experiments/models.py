@@ -41,15 +41,11 @@ class DigitsCNN(nn.Module):
         super().__init__()
         channels = _check_positive_int("channels", channels)
         hidden = _check_positive_int("hidden", hidden)
-        use_norm = ghost_batch_size is not None
         # The normalization subtracts a per-channel mean, which cancels a
         # convolution bias, so the bias is dropped when it would be wasted.
-        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1, bias=not use_norm)
-        self.norm: nn.Module = (
-            GhostBatchNorm(channels, virtual_batch_size=ghost_batch_size)
-            if use_norm
-            else nn.Identity()
-        )
+        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1,
+                              bias=ghost_batch_size is None)
+        self.norm = _optional_ghost_norm(channels, ghost_batch_size)
         self.pool = nn.MaxPool2d(2)
         self.fc1 = nn.Linear(channels * 4 * 4, hidden)
         self.fc2 = nn.Linear(hidden, 10)
@@ -79,13 +75,9 @@ class MNIST1DCNN(nn.Module):
     def __init__(self, channels: int = 32, ghost_batch_size: int | None = None) -> None:
         super().__init__()
         channels = _check_positive_int("channels", channels)
-        use_norm = ghost_batch_size is not None
-        self.conv1 = nn.Conv1d(1, channels, kernel_size=5, padding=2, bias=not use_norm)
-        self.norm: nn.Module = (
-            GhostBatchNorm(channels, virtual_batch_size=ghost_batch_size)
-            if use_norm
-            else nn.Identity()
-        )
+        self.conv1 = nn.Conv1d(1, channels, kernel_size=5, padding=2,
+                               bias=ghost_batch_size is None)
+        self.norm = _optional_ghost_norm(channels, ghost_batch_size)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)
         self.fc = nn.Linear(channels * 10, 10)
@@ -129,6 +121,13 @@ class LinearNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(self.fc2(self.fc1(x)))
+
+
+def _optional_ghost_norm(channels: int, ghost_batch_size: int | None) -> nn.Module:
+    """GhostBatchNorm over ``channels`` when a virtual batch size is given, else a no-op."""
+    if ghost_batch_size is None:
+        return nn.Identity()
+    return GhostBatchNorm(channels, virtual_batch_size=ghost_batch_size)
 
 
 def _check_positive_int(name: str, value: object) -> int:
