@@ -30,8 +30,9 @@ class DaskEngine(Engine):
     """Common client side of the centralized and decentralized engines.
 
     :meth:`start` opens the cluster (the given client, the current one, or an
-    embedded ``LocalCluster`` that lives until :meth:`close`) and scatters the
-    fit's payload once; workers fetch it on their first task and keep it.
+    embedded ``LocalCluster`` that lives until :meth:`close`) and hands the
+    fit's payload to the cluster once, in a task Dask can recompute; workers
+    fetch it on their first task and keep it.
     """
 
     def __init__(self, config: TrainConfig, client=None):
@@ -95,7 +96,7 @@ class DaskEngine(Engine):
         computed: they keep the current count, and the workers correct it.
         """
         if damper.needs_loss:
-            return self.scaler.n_workers if self.scaler.n_workers else self.config.min_workers
+            return self.scaler.n_workers or self.config.min_workers
         plan = next_update(copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset)
         return self.wanted_workers(plan.full_batch_size)
 

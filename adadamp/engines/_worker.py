@@ -1,7 +1,7 @@
 """What runs inside Dask worker processes, for both Dask engines.
 
-A fit scatters one :class:`FitPayload` (module, criterion, optimizer recipe
-and the training tensors) to the cluster. Tasks carry only a
+A fit hands one :class:`FitPayload` (module, criterion, optimizer recipe
+and the training tensors) to the cluster, published under a name. Tasks carry only a
 :class:`PayloadRef`; :func:`worker_model` fetches the payload the first time
 a worker meets the fit and caches the worker's module, optimizer and data, so
 the training set reaches each worker once per fit whatever Dask later does
