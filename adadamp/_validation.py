@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 import torch
 
+from ._devices import check_device
 from .engines import BACKENDS
 
 
@@ -85,6 +86,7 @@ def check_estimator_params(est) -> None:
         )
     if est.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {est.backend!r}.")
+    check_device(est.device)
     from .cluster import validate_client  # imports distributed: only when fitting
 
     validate_client(est.client)  # on every backend: a typo must not train silently

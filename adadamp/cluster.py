@@ -9,14 +9,18 @@ whatever it had to start, so that nothing it started outlives the fit.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, LocalCluster
 from distributed.comm.addressing import parse_host_port
+
+from ._devices import cuda_devices
 
 __all__ = ["ClusterHandle", "cluster_client", "cpu_count", "validate_client"]
 
@@ -44,6 +48,20 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# One DNS label: letters, digits and inner hyphens (RFC 1123).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a syntactically valid host name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    return 0 < len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split("."))
+
+
 def _check_address(address: str) -> None:
     """Raise ``ValueError`` unless ``address`` looks like a scheduler address."""
     hint = (
@@ -52,6 +70,11 @@ def _check_address(address: str) -> None:
     )
     if not address or address != address.strip() or any(c.isspace() for c in address):
         raise ValueError(hint)
+    slip = re.match(rf"({'|'.join(_KNOWN_SCHEMES)})(:/|//)(?!/)", address)
+    if "://" not in address and slip:
+        # "tcp//host:port", "tcp:/host:port": a scheme with its separator mistyped.
+        fixed = f"{slip.group(1)}://{address[slip.end():]}"
+        raise ValueError(f"{hint} (did you mean {fixed!r}?)")
     if "://" in address:
         scheme, location = address.split("://", 1)
         if scheme not in _KNOWN_SCHEMES:
@@ -70,8 +93,26 @@ def _check_address(address: str) -> None:
         host, port = parse_host_port(location, default_port=default_port)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{hint} ({exc})") from None
-    if not host or not 0 < int(port) < 65536:
-        raise ValueError(hint)
+    if not _is_host(host):
+        raise ValueError(f"{hint} (host {host!r} is neither a host name nor an IP address)")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"{hint} (port {port} is out of range)")
+
+
+def _dask_connect_timeout() -> float:
+    """Dask's connect timeout in seconds (``distributed.comm.timeouts.connect``)."""
+    import dask.config
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s"))
+
+
+def _host_of(address: str) -> str:
+    return parse_host_port(address.split("://", 1)[-1])[0]
+
+
+def _port_of(address: str) -> int:
+    return int(parse_host_port(address.split("://", 1)[-1])[1])
 
 
 def _with_port(address: str) -> str:
@@ -119,26 +160,6 @@ def _check_count(name: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int or None; got {value!r}")
-
-
-def _device_limit(device: str) -> int | None:
-    """How many workers ``device`` allows on this machine (``None``: no limit).
-
-    Each worker of a CUDA run drives one GPU, so a local cluster has no use
-    for more workers than there are visible GPUs.
-    """
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a torch device; pass 'cpu' or 'cuda' ({exc})") from None
-    if dev.type != "cuda":
-        return None
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n_gpus == 0:
-        raise ValueError(f"device={device!r} but no CUDA device is visible; pass device='cpu'")
-    return n_gpus
 
 
 @dataclass(frozen=True)
@@ -193,7 +214,7 @@ def cluster_client(
     n_workers_hint: int | None = None,
     device: str = "cpu",
     max_workers: int | None = None,
-    connect_timeout: float = 30.0,
+    connect_timeout: float | None = None,
     silence_logs: int = logging.ERROR,
 ) -> Iterator[ClusterHandle]:
     """Provide a running Dask client for the duration of a ``with`` block.
@@ -224,8 +245,9 @@ def cluster_client(
         limit is the machine's memory divided by this maximum, so the workers
         fit in memory together once grown. For other clusters it is only
         recorded in the handle.
-    connect_timeout : float, default 30
-        Seconds to wait when connecting to an address.
+    connect_timeout : float, optional
+        Seconds to wait when connecting to an address; default: Dask's
+        ``distributed.comm.timeouts.connect`` setting (30 s unless configured).
     silence_logs : int, default logging.ERROR
         Log level of an embedded cluster's scheduler and workers. Starting and
         stopping workers logs routine warnings; errors still show.
@@ -250,20 +272,23 @@ def cluster_client(
     validate_client(client)
     _check_count("n_workers_hint", n_workers_hint)
     _check_count("max_workers", max_workers)
-    device_limit = _device_limit(device)
+    device_limit = cuda_devices(device)
 
     if isinstance(client, Client):
         yield ClusterHandle(client, embedded=False, max_workers=max_workers)
         return
 
     if isinstance(client, str):
+        address = _with_port(client)
+        timeout = connect_timeout if connect_timeout is not None else _dask_connect_timeout()
         try:
-            connected = Client(_with_port(client), timeout=connect_timeout, set_as_default=False)
+            connected = Client(address, timeout=timeout, set_as_default=False)
         except OSError as exc:
             raise OSError(
-                f"no Dask scheduler answered at client={client!r} within {connect_timeout} s: "
-                f"{exc}. Start the scheduler, fix the address, or pass client=None to start a "
-                "local cluster"
+                f"no Dask scheduler answered at client={client!r} within {timeout:g} s ({exc}). "
+                f"Start one there with `dask scheduler --host {_host_of(address)} --port "
+                f"{_port_of(address)}` and at least one `dask worker {address}`, fix the address, "
+                "or pass client=None to train on a local cluster started for the fit."
             ) from exc
         try:
             yield ClusterHandle(connected, embedded=False, max_workers=max_workers)

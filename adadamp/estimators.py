@@ -9,6 +9,9 @@ that computes those updates in this process or on a Dask cluster.
 """
 from __future__ import annotations
 
+import sys
+import warnings
+
 import numpy as np
 import torch
 from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
@@ -16,6 +19,7 @@ from skorch.callbacks import EpochScoring, PrintLog
 from skorch.utils import to_tensor
 from tqdm.auto import tqdm
 
+from ._devices import check_device
 from ._tensors import dataset_to_tensors, match_dtype
 from ._validation import check_estimator_params, check_training_data
 from .dampers import BaseDamper, TrainState, resolve_damper
@@ -42,6 +46,11 @@ def _current_dask_client():
         return default_client()
     except ValueError:
         return None
+
+
+def _is_live_client(client) -> bool:
+    # The validated kinds are None, an address string and a distributed.Client.
+    return client is not None and not isinstance(client, str)
 
 
 def _plain_float(value) -> float | None:
@@ -106,7 +115,33 @@ class _DampedNetMixin:
                 cb.use_caching = False
         return self
 
+    # ------------------------------------------------------------ copies
+    def __sklearn_clone__(self):
+        # scikit-learn deep-copies every parameter that is not an estimator,
+        # and a live Client cannot be copied (it holds an event loop and
+        # sockets). The clone must train on the same cluster: it shares it.
+        client = self.client
+        if not _is_live_client(client):
+            return super().__sklearn_clone__()
+        self.client = None
+        try:
+            clone = super().__sklearn_clone__()
+        finally:
+            self.client = client
+        clone.client = client
+        return clone
+
+    def __getstate__(self):
+        # A live Client belongs to this process; a pickled estimator keeps its
+        # model and drops the client (an address string is kept).
+        state = super().__getstate__()
+        if _is_live_client(state.get("client")):
+            state["client"] = None
+        return state
+
     def initialize(self):
+        # Before skorch moves the module: torch's own error names no parameter.
+        check_device(self.device)
         super().initialize()
         self.damper_: BaseDamper | None = None
         self.train_state_: TrainState | None = None
@@ -163,6 +198,23 @@ class _DampedNetMixin:
         learned = {k: v for k, v in snapshot["damper"].items() if k.endswith("_")}
         self.damper_.load_state_dict(learned)
 
+    def _warn_if_capped_from_the_start(self, damper: BaseDamper) -> None:
+        """Warn when ``max_batch_size`` caps the very first update of a fresh fit.
+
+        Legal, and the max-batch-size rule then divides the learning rate from
+        the start: more likely a slip than a plan, and silent otherwise.
+        """
+        initial = getattr(damper, "initial", None)
+        fresh = self.train_state_ is None or self.train_state_.model_updates == 0
+        if fresh and self.max_batch_size is not None and initial is not None \
+                and initial > self.max_batch_size:
+            warnings.warn(
+                f"max_batch_size={self.max_batch_size} is below the initial batch size "
+                f"{initial} of {type(damper).__name__}: every update uses at most "
+                f"{self.max_batch_size} examples and the learning rate is divided by "
+                f"{initial / self.max_batch_size:.3g} from the first update on.",
+                UserWarning, stacklevel=4)
+
     def _resolved_backend(self) -> str:
         if self.backend != "auto":
             return self.backend
@@ -216,6 +268,7 @@ class _DampedNetMixin:
         self.check_training_readiness()
         damper = self._resolve_damper()
         epochs = epochs if epochs is not None else self.max_epochs
+        self._warn_if_capped_from_the_start(damper)
 
         split_params, forward_params = self._routed_fit_params(_routing_method, fit_params)
         dataset_train, dataset_valid = self.get_split_datasets(X, y, **split_params)
@@ -246,8 +299,11 @@ class _DampedNetMixin:
         history = self.history
         # Epochs always consume whole permutations, so this is an integer.
         epoch_index = round(state.epochs)
+        # A bar redrawn with carriage returns only reads well on a terminal;
+        # in a file or pipe, skorch's per-epoch lines are the progress report.
         bar = tqdm(total=state.n_examples, desc=f"epoch {len(history)}", unit="ex",
-                   leave=False, disable=not self.verbose)
+                   leave=False, file=sys.stderr,
+                   disable=not self.verbose or not sys.stderr.isatty())
 
         def on_update(record: UpdateRecord) -> None:
             history.new_batch()
@@ -316,9 +372,16 @@ _DAMPED_DOC = """
         ``client`` is given or a Dask client exists, else ``"local"``.
     client : distributed.Client, scheduler address or None, default=None
         The Dask cluster; with None the current client, else an embedded
-        ``LocalCluster`` that lives for one fit.
+        ``LocalCluster`` that lives for one fit. ``clone`` (and so
+        ``GridSearchCV``) gives the clone the same client. Pickling drops a
+        ``Client`` (it belongs to this process) and keeps an address string:
+        an unpickled estimator predicts anywhere, and trains on the current
+        client or an embedded cluster unless given a new ``client``.
     random_state : int or None, default=None
         Seeds the order of examples in every epoch.
+    device : str, default="cpu"
+        skorch's torch device; checked before any work (``"cuda"``, ``"cuda:1"``
+        or ``"mps"`` on a machine without it raise ``ValueError``).
 """
 
 

@@ -6,10 +6,12 @@ they should run before this module's shared clusters start.
 """
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -137,6 +139,10 @@ def test_validate_client_rejects_other_types(client):
         "tcp://127.0.0.1:99999",
         "tcp://127.0.0.1:port",
         " tcp://127.0.0.1:8786",
+        "tcp//127.0.0.1:8786",  # the scheme's separator mistyped
+        "tcp:/127.0.0.1:8786",
+        "tcp://bad_host!:8786",
+        "tcp://-leading-hyphen:8786",
     ],
 )
 def test_validate_client_rejects_bad_addresses(address):
@@ -163,6 +169,47 @@ def test_cluster_client_checks_parameters_before_cluster_work():
             with cluster_client(None, device="cuda"):
                 pass
     assert _children() - children == set()
+
+
+@pytest.mark.parametrize("address", ["tcp//127.0.0.1:8786", "tls:/scheduler:8786"])
+def test_a_mistyped_scheme_separator_gets_the_fix(address):
+    fixed = address.replace("//", "://") if "//" in address else address.replace(":/", "://")
+    with pytest.raises(ValueError, match=f"did you mean '{re.escape(fixed)}'"):
+        validate_client(address)
+
+
+def test_estimator_refuses_a_malformed_address_before_any_cluster_work():
+    from adadamp.estimators import DaskClassifier
+
+    children = _children()
+    began = time.monotonic()
+    est = DaskClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
+                         client="tcp//127.0.0.1:8786", max_epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="client='tcp//127.0.0.1:8786' is not a scheduler address"):
+        est.fit(np.zeros((8, 4), dtype="float32"), np.zeros(8, dtype="int64"))
+    assert time.monotonic() - began < 5
+    assert _children() - children == set()
+
+
+def test_nobody_at_the_address_fails_within_dasks_connect_timeout():
+    import dask
+
+    from adadamp.estimators import DaskClassifier
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    est = DaskClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
+                         client=f"tcp://127.0.0.1:{port}", max_epochs=1, verbose=0)
+    began = time.monotonic()
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with pytest.raises(OSError) as info:
+            est.fit(np.zeros((8, 4), dtype="float32"), np.zeros(8, dtype="int64"))
+    assert time.monotonic() - began < 15
+    message = str(info.value)
+    assert f"client='tcp://127.0.0.1:{port}'" in message and "within 2 s" in message
+    assert f"dask scheduler --host 127.0.0.1 --port {port}" in message
+    assert f"dask worker tcp://127.0.0.1:{port}" in message
 
 
 def test_unreachable_address_raises_oserror_naming_client():

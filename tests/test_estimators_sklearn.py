@@ -110,3 +110,57 @@ def test_pickle_round_trip_gives_identical_predictions():
     np.testing.assert_array_equal(restored.predict_proba(X), est.predict_proba(X))
     assert restored.history_[:, "model_updates"] == est.history_[:, "model_updates"]
     assert restored.damper_.state_dict() == est.damper_.state_dict()
+
+
+# --- with a live distributed.Client as the client parameter -------------------
+
+_PREDICT_IN_A_FRESH_PROCESS = """
+import pickle, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+est = pickle.load(open({path!r}, "rb"))
+assert est.client is None, est.client
+np.save({out!r}, est.predict_proba(np.load({X!r})))
+"""
+
+
+def test_clone_and_grid_search_share_a_live_client(dask_client):
+    est = classifier(backend="auto", client=dask_client, max_epochs=2)
+    copy = clone(est)
+    assert copy.client is dask_client
+    assert copy.get_params()["batch_size__factor"] == 2
+    X, y = digits(300)
+    search = GridSearchCV(est, {"lr": [0.05, 0.1]}, cv=2, n_jobs=1, error_score="raise")
+    search.fit(X, y)
+    assert search.best_estimator_.client is dask_client
+    # Every candidate trained on the cluster: the Dask engines name their fits.
+    assert search.best_estimator_.fit_id_ is not None
+    assert search.score(X, y) > 0.3
+    # The original stays as it was: unfitted, its client untouched.
+    assert est.client is dask_client and not getattr(est, "initialized_", False)
+
+
+def test_pickle_drops_a_live_client_and_predicts_in_a_fresh_process(dask_client, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unfitted = classifier(backend="auto", client=dask_client)
+    assert pickle.loads(pickle.dumps(unfitted)).client is None
+    # An address is no live object: it is kept.
+    assert pickle.loads(pickle.dumps(classifier(client="tcp://127.0.0.1:8786"))).client \
+        == "tcp://127.0.0.1:8786"
+
+    X, y = digits(200)
+    est = classifier(backend="auto", client=dask_client).fit(X, y)
+    assert est.fit_id_ is not None
+    assert est.client is dask_client  # pickling does not change the estimator itself
+    path, data, out = tmp_path / "est.pkl", tmp_path / "X.npy", tmp_path / "proba.npy"
+    path.write_bytes(pickle.dumps(est))
+    assert est.client is dask_client
+    np.save(data, X)
+    code = _PREDICT_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).parent), path=str(path),
+                                              out=str(out), X=str(data))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(out), est.predict_proba(X), rtol=1e-6)

@@ -3,6 +3,7 @@ history_, the paper's example, divergence, printed output and callbacks."""
 from __future__ import annotations
 
 import math
+import sys
 import re
 
 import numpy as np
@@ -180,14 +181,20 @@ def test_diverging_run_raises_convergence_error():
 # --------------------------------------------------------------------------- output
 
 
-def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(capsys):
+def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(capsys,
+                                                                             monkeypatch):
     X, y = regression(n=60)
     est = DaskRegressor(MLP, module__features=5, module__out=1, lr=0.01, max_epochs=3,
                         batch_size=GeoDamp, batch_size__initial=10, batch_size__delay=1,
                         batch_size__factor=2, train_split=None, backend="local",
                         random_state=0, verbose=1)
-    est.fit(X, y)
+    # On a terminal the progress bar shows the batch size as it grows.
+    with monkeypatch.context() as patch:
+        patch.setattr(sys.stderr, "isatty", lambda: True)
+        est.fit(X, y)
     out, err = capsys.readouterr()
+    assert "batch_size=10" in err
+    assert "batch_size=40" in err
 
     lines = [line for line in out.splitlines() if line.strip()]
     header = lines[0].split()
@@ -202,8 +209,12 @@ def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(c
     assert [int(r[col["batch_size"]]) for r in rows] == [10, 20, 40]
     assert [int(r[col["model_updates"]]) for r in rows] == [6, 9, 11]
 
-    assert "batch_size=10" in err
-    assert "batch_size=40" in err
+    # In a file or pipe (what capsys is) there is no bar redrawn with carriage
+    # returns: only the table's lines.
+    est.fit(X, y)
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "batch_size=" not in err
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["1", "2", "3"]
 
     est.set_params(verbose=0)
     est.fit(X, y)

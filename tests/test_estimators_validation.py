@@ -1,6 +1,8 @@
 """Bad input gets a clear error naming the parameter, before any training starts."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,54 @@ def test_1d_targets_for_a_module_with_1d_output():
     assert est.predict(X_reg).shape == (60,)
     losses = est.history_[:, "train_loss"]
     assert losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("backend", ["local", "centralized", "decentralized"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_a_gpu_names_the_device_parameter(backend, device):
+    est = classifier(device=device, backend=backend)
+    with pytest.raises(ValueError, match=rf"device='{device}', but this machine has no CUDA "
+                                         rf"device visible to PyTorch {re.escape(torch.__version__)}"):
+        est.fit(X, y)
+    assert_nothing_trained(est)
+
+
+def test_a_device_this_machine_lacks_or_that_is_no_device():
+    if not (torch.backends.mps.is_available()):
+        with pytest.raises(ValueError, match="device='mps', but MPS is not available"):
+            classifier(device="mps").fit(X, y)
+    with pytest.raises(ValueError, match="device='gpu0' is not a torch device"):
+        classifier(device="gpu0").fit(X, y)
+    # Set after a fit, it is checked before the next one too.
+    est = classifier().fit(X, y)
+    est.set_params(device="gpu0")
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        est.partial_fit(X, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_index_out_of_range():
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"has {count} CUDA device\(s\), cuda:0 to cuda:{count - 1}"):
+        classifier(device=f"cuda:{count}").fit(X, y)
+
+
+# --------------------------------------------------------------------------- max_batch_size
+
+
+def test_max_batch_size_below_the_initial_batch_size_warns_once(recwarn):
+    est = classifier(batch_size=GeoDamp, batch_size__initial=64, max_batch_size=16, max_epochs=2)
+    with pytest.warns(UserWarning, match=r"max_batch_size=16 is below the initial batch size 64 "
+                                         r"of GeoDamp.*divided by 4 from the first update"):
+        est.fit(X, y)
+    assert est.history_[0, "batches"][0]["lr"] == pytest.approx(est.lr / 4)
+    recwarn.clear()
+    est.partial_fit(X, y)  # the same run continues: no second warning
+    assert not [w for w in recwarn if "max_batch_size" in str(w.message)]
+    recwarn.clear()
+    classifier(batch_size=GeoDamp, batch_size__initial=16, max_batch_size=16).fit(X, y)
+    assert not [w for w in recwarn if "max_batch_size" in str(w.message)]
