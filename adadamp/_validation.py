@@ -1,13 +1,12 @@
 """Checks on user input, run before any training or cluster work starts."""
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
+from ._checks import is_int
 from ._devices import check_device
-from .engines import BACKENDS
+from .engines import check_backend
 
 
 def _as_array(data, name: str) -> np.ndarray | None:
@@ -62,33 +61,28 @@ def check_training_data(X, y) -> None:
             )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_estimator_params(est) -> None:
     """Check the estimator's own parameters (the dampers check theirs)."""
-    if est.max_batch_size is not None and (not _is_int(est.max_batch_size) or est.max_batch_size < 1):
+    if est.max_batch_size is not None and (not is_int(est.max_batch_size) or est.max_batch_size < 1):
         raise ValueError(
             f"max_batch_size must be None or an int >= 1, got {est.max_batch_size!r}."
         )
     for name in ("grads_per_worker", "min_workers"):
         value = getattr(est, name)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     for name in ("max_workers", "worker_max_batch_size"):
         value = getattr(est, name)
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"{name} must be None or an int >= 1, got {value!r}.")
     if est.max_workers is not None and est.max_workers < est.min_workers:
         raise ValueError(
             f"max_workers ({est.max_workers}) is smaller than min_workers ({est.min_workers})."
         )
-    if est.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {est.backend!r}.")
+    check_backend(est.backend)
     check_device(est.device)
     from .cluster import validate_client  # imports distributed: only when fitting
 
     validate_client(est.client)  # on every backend: a typo must not train silently
-    if est.random_state is not None and not _is_int(est.random_state):
+    if est.random_state is not None and not is_int(est.random_state):
         raise TypeError(f"random_state must be None or an int, got {est.random_state!r}.")

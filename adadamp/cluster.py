@@ -22,7 +22,7 @@ from distributed.comm.addressing import parse_host_port
 
 from ._devices import cuda_devices
 
-__all__ = ["ClusterHandle", "cluster_client", "cpu_count", "validate_client"]
+__all__ = ["ClusterHandle", "cluster_client", "cpu_count", "current_client", "validate_client"]
 
 #: Schemes the Dask comm layer understands; an address with another scheme
 #: would only fail later, after a connection timeout.
@@ -195,7 +195,7 @@ class ClusterHandle:
         return self.cluster is not None and callable(getattr(self.cluster, "scale", None))
 
 
-def _current_client() -> Client | None:
+def current_client() -> Client | None:
     """The client a ``client=None`` fit should use, if the user has one running."""
     from distributed import get_client
 
@@ -296,7 +296,7 @@ def cluster_client(
             connected.close()
         return
 
-    current = _current_client()
+    current = current_client()
     if current is not None:
         yield ClusterHandle(current, embedded=False, max_workers=max_workers)
         return

@@ -3,50 +3,25 @@
 A damper maps the training state to the batch size of the next model update,
 the way a ``torch.optim.lr_scheduler`` maps it to a learning rate. Its
 constructor only stores parameters; ``validate`` checks them; ``damping``
-returns the *requested* batch size. The estimator applies the max-batch-size
-rule (:func:`plan_update`) on top, so that a damper never has to know about
-the hardware.
+returns the *requested* batch size. The epoch walk applies the max-batch-size
+rule (:func:`adadamp.schedule.plan_update`) on top, so that a damper never has
+to know about the hardware.
 
 Dampers that decay the learning rate instead of growing the batch
 (``GeoDampLR``, ``CntsDampLR``) are written as batch dampers with a built-in
 ``max_batch_size`` equal to their initial batch size: the max-batch-size rule
 then turns every requested growth by ``r`` into a learning rate divided by
 ``r``. One rule serves both families.
-
-Estimators turn their ``batch_size`` parameter (and the ``batch_size__*``
-parameters routed to it) into a damper with :func:`resolve_damper`.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 import math
-import numbers
-from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass
-class TrainState:
-    """What a damper may look at before choosing the next batch size.
-
-    Engines own one of these per fit and advance it after every update.
-    """
-
-    n_examples: int
-    model_updates: int = 0
-    examples_seen: int = 0
-    last_loss: float | None = None
-    """Mean loss of the previous update's batch (None before the first)."""
-    grad_stats: dict[str, float] = field(default_factory=dict)
-    """Scalars reduced alongside the previous update's gradient (see engines)."""
-    train_loss: float | None = None
-    """Mean loss over the training set, refreshed when ``damper.loss_due``."""
-
-    @property
-    def epochs(self) -> float:
-        """Epochs completed so far, as a float: examples processed / n."""
-        return self.examples_seen / self.n_examples
+from ._checks import check_at_least, check_finite, check_int_at_least, check_positive, is_real
+from .state import TrainState
 
 
 def _param_names(cls: type) -> list[str]:
@@ -70,6 +45,12 @@ class BaseDamper:
       ``state.grad_stats`` of the previous update.
     - ``adaptive``: the batch sizes depend on the model (so an engine cannot
       plan several updates ahead).
+    - ``loss_fraction``: with ``needs_loss``, the share of the training set
+      the loss is estimated on (1: all of it).
+
+    These, :meth:`damping`, :meth:`loss_due`, ``max_batch_size`` and
+    :meth:`state_dict`/:meth:`load_state_dict` are all an engine reads: a
+    wrapper around a damper must pass them on.
 
     Following scikit-learn, constructor parameters are stored under their own
     names and learned state under names ending in ``_``; both go into
@@ -79,6 +60,13 @@ class BaseDamper:
     needs_loss: bool = False
     needs_grad_stats: bool = False
     adaptive: bool = False
+    loss_fraction: float = 1.0
+    """With ``needs_loss``: the fraction of the training set the loss is estimated on."""
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """Constructor parameters, in signature order: what ``batch_size__*`` may set."""
+        return _param_names(cls)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -114,40 +102,6 @@ class BaseDamper:
         return f"{type(self).__name__}({args})"
 
 
-# ---------------------------------------------------------------------------
-# Parameter checks. Each names the damper and the parameter, because the
-# message is what a user of ``batch_size__<name>=...`` sees.
-
-
-def _is_real(value: Any) -> bool:
-    # bool is an int subclass, but ``factor=True`` is a mistake, not a 1.
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def _check_positive(name: str, value: Any, owner: str) -> None:
-    if not (_is_real(value) and value > 0):
-        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}.")
-
-
-def _check_at_least(name: str, value: Any, low: float, owner: str) -> None:
-    if not (_is_real(value) and value >= low):
-        raise ValueError(f"{owner}: {name} must be a finite number >= {low}, got {value!r}.")
-
-
-def _check_int_at_least(name: str, value: Any, low: int, owner: str) -> None:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
-        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}.")
-
-
-def _check_finite(name: str, value: Any, owner: str) -> None:
-    if not _is_real(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}.")
-
-
 def _lr_cap(initial: float) -> int:
     # Rounded the way plan_update rounds a request, so that the first update
     # of a learning-rate damper runs at the full learning rate.
@@ -173,7 +127,7 @@ class Constant(BaseDamper):
         self.initial = initial
 
     def validate(self) -> None:
-        _check_int_at_least("initial", self.initial, 1, type(self).__name__)
+        check_int_at_least("initial", self.initial, 1, type(self).__name__)
 
     def damping(self, state: TrainState) -> float:
         return self.initial
@@ -202,9 +156,9 @@ class GeoDamp(BaseDamper):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _check_positive("initial", self.initial, owner)
-        _check_positive("delay", self.delay, owner)
-        _check_at_least("factor", self.factor, 1, owner)
+        check_positive("initial", self.initial, owner)
+        check_positive("delay", self.delay, owner)
+        check_at_least("factor", self.factor, 1, owner)
 
     def damping(self, state: TrainState) -> float:
         # A tiny tolerance keeps epoch boundaries (e == 2.0 exactly) on the right side.
@@ -254,8 +208,8 @@ class PadaDamp(BaseDamper):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _check_positive("initial", self.initial, owner)
-        _check_at_least("rate", self.rate, 0, owner)
+        check_positive("initial", self.initial, owner)
+        check_at_least("rate", self.rate, 0, owner)
 
     def damping(self, state: TrainState) -> float:
         # plan_update takes the ceiling.
@@ -288,8 +242,8 @@ class CntsDampLR(BaseDamper):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _check_positive("initial", self.initial, owner)
-        _check_at_least("rate", self.rate, 0, owner)
+        check_positive("initial", self.initial, owner)
+        check_at_least("rate", self.rate, 0, owner)
 
     def damping(self, state: TrainState) -> float:
         return self.initial * (1 + self.rate * state.model_updates)
@@ -364,10 +318,10 @@ class AdaDamp(BaseDamper):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _check_positive("initial", self.initial, owner)
-        _check_int_at_least("dwell", self.dwell, 1, owner)
-        _check_finite("best_loss", self.best_loss, owner)
-        if not (_is_real(self.loss_fraction) and 0 < self.loss_fraction <= 1):
+        check_positive("initial", self.initial, owner)
+        check_int_at_least("dwell", self.dwell, 1, owner)
+        check_finite("best_loss", self.best_loss, owner)
+        if not (is_real(self.loss_fraction) and 0 < self.loss_fraction <= 1):
             raise ValueError(
                 f"{owner}: loss_fraction must be in (0, 1], got {self.loss_fraction!r}."
             )
@@ -385,14 +339,14 @@ class AdaDamp(BaseDamper):
                 f"{state.model_updates}, and the engine did not evaluate it."
             )
         if self.initial_loss_ is None:
-            if not (_is_real(loss) and loss > self.best_loss):
+            if not (is_real(loss) and loss > self.best_loss):
                 raise ValueError(
                     f"{type(self).__name__}: best_loss ({self.best_loss!r}) must be below "
                     f"the initial training loss ({loss!r}); lower best_loss."
                 )
             self.initial_loss_ = float(loss)
         gap = loss - self.best_loss
-        if _is_real(gap) and gap > 0:
+        if is_real(gap) and gap > 0:
             self.batch_size_ = self.initial * (self.initial_loss_ - self.best_loss) / gap
         # Otherwise hold the last batch size (see the class docstring).
         return self.initial if self.batch_size_ is None else self.batch_size_
@@ -464,10 +418,10 @@ class RadaDamp(BaseDamper):
 
     def validate(self) -> None:
         owner = type(self).__name__
-        _check_positive("initial", self.initial, owner)
-        if not (_is_real(self.rho) and 0 <= self.rho < 1):
+        check_positive("initial", self.initial, owner)
+        if not (is_real(self.rho) and 0 <= self.rho < 1):
             raise ValueError(f"{owner}: rho must be in [0, 1), got {self.rho!r}.")
-        _check_finite("best_loss", self.best_loss, owner)
+        check_finite("best_loss", self.best_loss, owner)
         if self.signal not in self.signals:
             raise ValueError(
                 f"{owner}: signal must be one of {', '.join(map(repr, self.signals))}, "
@@ -488,7 +442,7 @@ class RadaDamp(BaseDamper):
 
     def damping(self, state: TrainState) -> float:
         value = self._read_signal(state)
-        if value is not None and state.model_updates != self.updates_seen_ and _is_real(value):
+        if value is not None and state.model_updates != self.updates_seen_ and is_real(value):
             self.updates_seen_ = state.model_updates
             if self.average_ is None:
                 self.average_ = float(value)
@@ -504,7 +458,7 @@ class RadaDamp(BaseDamper):
                         + ("best_loss; lower best_loss." if self.signal == "loss" else "0.")
                     )
                 self.initial_gap_ = gap
-            if _is_real(gap) and gap > 0:
+            if is_real(gap) and gap > 0:
                 self.batch_size_ = self.initial * self.initial_gap_ / gap
         return self.initial if self.batch_size_ is None else self.batch_size_
 
@@ -518,96 +472,3 @@ DAMPERS: dict[str, type[BaseDamper]] = {
     )
 }
 """Every damper shipped with adadamp, by class name."""
-
-_ACCEPTED = (
-    "an int >= 1, a damper class (e.g. GeoDamp) or a damper instance "
-    "(e.g. GeoDamp(delay=60))"
-)
-
-
-def _check_param_keys(cls: type[BaseDamper], params: dict[str, Any]) -> None:
-    accepted = _param_names(cls)
-    unknown = sorted(k for k in params if k not in accepted)
-    if unknown:
-        bad = ", ".join(f"batch_size__{k}" for k in unknown)
-        allowed = (
-            ", ".join(f"batch_size__{k}" for k in accepted)
-            if accepted
-            else f"none ({cls.__name__} takes no parameters)"
-        )
-        raise ValueError(f"{bad}: not a parameter of {cls.__name__}. Accepted: {allowed}.")
-
-
-def resolve_damper(batch_size: Any, params: dict[str, Any] | None = None) -> BaseDamper:
-    """Turn an estimator's ``batch_size`` parameter into a validated damper.
-
-    Parameters
-    ----------
-    batch_size : int, BaseDamper subclass or BaseDamper instance
-        An int ``b`` becomes ``Constant(b)``; a class is instantiated with
-        ``params``; an instance is deep-copied (the caller's object is never
-        changed) and ``params`` are set on the copy.
-    params : dict, optional
-        The ``batch_size__<name>`` parameters, keyed by ``<name>``.
-
-    Returns
-    -------
-    BaseDamper
-        A damper whose :meth:`~BaseDamper.validate` passed.
-
-    Raises
-    ------
-    TypeError
-        When ``batch_size`` is none of the accepted kinds.
-    ValueError
-        When an int is < 1, a key of ``params`` is not a constructor parameter
-        of the damper, or a parameter is out of range.
-    """
-    params = dict(params or {})
-    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
-        if params:
-            keys = ", ".join(f"batch_size__{k}" for k in sorted(params))
-            raise ValueError(
-                f"{keys} given, but batch_size={batch_size!r} is an int; "
-                "batch_size__* parameters apply only to a damper class or instance."
-            )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be {_ACCEPTED}; got {batch_size!r}.")
-        damper: BaseDamper = Constant(int(batch_size))
-    elif isinstance(batch_size, type) and issubclass(batch_size, BaseDamper):
-        if batch_size is BaseDamper:
-            raise TypeError(
-                f"batch_size must be {_ACCEPTED}; BaseDamper itself has no policy."
-            )
-        _check_param_keys(batch_size, params)
-        damper = batch_size(**params)
-    elif isinstance(batch_size, BaseDamper):
-        _check_param_keys(type(batch_size), params)
-        damper = copy.deepcopy(batch_size)
-        for key, value in params.items():
-            setattr(damper, key, value)
-    else:
-        raise TypeError(
-            f"batch_size must be {_ACCEPTED}; got {batch_size!r} "
-            f"of type {type(batch_size).__name__}."
-        )
-    damper.validate()
-    return damper
-
-
-def plan_update(
-    requested: float, max_batch_size: int | None, damper_cap: int | None = None
-) -> tuple[int, float]:
-    """Apply the max-batch-size rule to a requested batch size.
-
-    Returns ``(batch_size, lr_factor)``: above the cap the update uses the cap
-    and the learning rate is scaled by ``cap / requested`` (Algorithm 1 of the
-    adaptive-batch-size work: decaying the learning rate stands in for growing
-    the batch). ``requested`` is rounded up to an int first.
-    """
-    requested_int = max(1, math.ceil(requested - 1e-9))
-    caps = [c for c in (max_batch_size, damper_cap) if c is not None]
-    cap = min(caps) if caps else None
-    if cap is None or requested_int <= cap:
-        return requested_int, 1.0
-    return int(cap), cap / requested

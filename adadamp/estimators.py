@@ -22,8 +22,11 @@ from tqdm.auto import tqdm
 from ._devices import check_device
 from ._tensors import dataset_to_tensors, match_dtype
 from ._validation import check_estimator_params, check_training_data
-from .dampers import BaseDamper, TrainState, resolve_damper
-from .engines import Engine, TrainConfig, UpdateRecord, make_engine
+from ._batch_size_param import resolve_damper
+from .dampers import BaseDamper
+from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
+from .examples import TensorExamples
+from .state import TrainState
 
 # Batch size of prediction and validation passes: only memory depends on it.
 PREDICT_BATCH_SIZE = 1024
@@ -36,26 +39,9 @@ _ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss,
 UPDATE_KEYS = ("damping", "lr", "workers", "duration")
 
 
-def _current_dask_client():
-    """The Dask client this process already has, or None (Dask is imported lazily)."""
-    try:
-        from distributed import default_client
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return None
-    try:
-        return default_client()
-    except ValueError:
-        return None
-
-
 def _is_live_client(client) -> bool:
     # The validated kinds are None, an address string and a distributed.Client.
     return client is not None and not isinstance(client, str)
-
-
-def _plain_float(value) -> float | None:
-    # History is saved as JSON, which takes Python floats but not NumPy float32.
-    return None if value is None else float(value)
 
 
 class _DampedNetMixin:
@@ -165,19 +151,15 @@ class _DampedNetMixin:
             if "train_state" in row:
                 snapshot = row["train_state"]
                 break
+        state = TrainState(n_examples)
         if snapshot is not None:
             # What the previous update left for the damper (RadaDamp averages the
-            # last batch loss in) is restored too; older snapshots lack it.
-            state = TrainState(
-                n_examples, snapshot["model_updates"], snapshot["examples"],
-                last_loss=snapshot.get("last_loss"),
-                grad_stats=dict(snapshot.get("grad_stats") or {}),
-                train_loss=snapshot.get("train_loss"),
-            )
+            # last batch loss in) is restored too. The counters carry on over
+            # this training set, whatever its size was.
+            state.load_state_dict({**snapshot, "n_examples": n_examples})
             self._load_damper_state(snapshot)
             self.seed_ = snapshot["seed"]
         else:
-            state = TrainState(n_examples)
             self.seed_ = (
                 int(self.random_state) if self.random_state is not None
                 else int(np.random.default_rng().integers(2**31 - 1))
@@ -214,13 +196,6 @@ class _DampedNetMixin:
                 f"{self.max_batch_size} examples and the learning rate is divided by "
                 f"{initial / self.max_batch_size:.3g} from the first update on.",
                 UserWarning, stacklevel=4)
-
-    def _resolved_backend(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        if self.client is not None or _current_dask_client() is not None:
-            return "decentralized"
-        return "local"
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -280,11 +255,13 @@ class _DampedNetMixin:
             iterator_valid = self.get_iterator(dataset_valid, training=False)
         on_epoch_kwargs = {"dataset_train": dataset_train, "dataset_valid": dataset_valid}
 
-        engine = make_engine(self._resolved_backend(), self._train_config(), self.client)
-        # The Dask engines name each fit; the workers file its module and data under it.
-        self.fit_id_: str | None = getattr(engine, "fit_id", None)
+        engine = resolve_engine(self.backend, self.client)
+        self.fit_id_: str | None = None
         try:
-            engine.start(self.module_, self.optimizer_, self.criterion_, X_train, y_train)
+            engine.start(self._train_config(), self.module_, self.optimizer_, self.criterion_,
+                         TensorExamples(X_train, y_train), self.client)
+            # The Dask engines name each fit; the workers file its module and data under it.
+            self.fit_id_ = engine.fit_id
             for _ in range(epochs):
                 self.notify("on_epoch_begin", **on_epoch_kwargs)
                 self._train_one_epoch(engine, damper, state)
@@ -325,14 +302,10 @@ class _DampedNetMixin:
         history.record("examples", state.examples_seen)
         history.record("epochs", state.epochs)
         history.record("train_state", {
-            "model_updates": state.model_updates,
-            "examples": state.examples_seen,
+            **state.state_dict(),
             "seed": self.seed_,
             "damper": damper.state_dict(),
             "damper_class": type(damper).__name__,
-            "last_loss": _plain_float(state.last_loss),
-            "grad_stats": {k: float(v) for k, v in state.grad_stats.items()},
-            "train_loss": _plain_float(state.train_loss),
         })
 
     # ------------------------------------------------------------ prediction
@@ -367,9 +340,11 @@ _DAMPED_DOC = """
     worker_max_batch_size : int or None, default=None
         Largest micro-batch one worker computes at once; larger slices
         accumulate gradients over several.
-    backend : {"auto", "local", "centralized", "decentralized"}, default="auto"
+    backend : {"auto", "local", "centralized", "decentralized"}, Engine class or instance, default="auto"
         Who computes the updates. ``"auto"`` is ``"decentralized"`` when a
-        ``client`` is given or a Dask client exists, else ``"local"``.
+        ``client`` is given or a Dask client exists, else ``"local"``. An
+        :class:`adadamp.engines.Engine` subclass (built without arguments) or
+        instance brings an engine of one's own.
     client : distributed.Client, scheduler address or None, default=None
         The Dask cluster; with None the current client, else an embedded
         ``LocalCluster`` that lives for one fit. ``clone`` (and so

@@ -1,4 +1,4 @@
-"""From a damper to the concrete model updates of an epoch.
+"""From a damper to the concrete model updates of an epoch, and the max-batch-size rule.
 
 Every engine walks an epoch the same way: one seeded permutation of the
 training set, consumed in order, ``batch_size`` examples per update, the last
@@ -7,11 +7,13 @@ the engines agree update for update.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .dampers import BaseDamper, TrainState, plan_update
+from .dampers import BaseDamper
+from .state import TrainState
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,24 @@ class UpdatePlan:
     """Multiplies every parameter group's base learning rate."""
     start: int
     """Offset of the update's first example in the epoch's permutation."""
+
+
+def plan_update(
+    requested: float, max_batch_size: int | None, damper_cap: int | None = None
+) -> tuple[int, float]:
+    """Apply the max-batch-size rule to a requested batch size.
+
+    Returns ``(batch_size, lr_factor)``: above the cap the update uses the cap
+    and the learning rate is scaled by ``cap / requested`` (Algorithm 1 of the
+    adaptive-batch-size work: decaying the learning rate stands in for growing
+    the batch). ``requested`` is rounded up to an int first.
+    """
+    requested_int = max(1, math.ceil(requested - 1e-9))
+    caps = [c for c in (max_batch_size, damper_cap) if c is not None]
+    cap = min(caps) if caps else None
+    if cap is None or requested_int <= cap:
+        return requested_int, 1.0
+    return int(cap), cap / requested
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

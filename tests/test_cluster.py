@@ -17,7 +17,7 @@ import pytest
 import torch
 from distributed import Client, LocalCluster
 
-from adadamp.cluster import ClusterHandle, _current_client, cluster_client, validate_client
+from adadamp.cluster import ClusterHandle, current_client, cluster_client, validate_client
 from adadamp.scaling import WorkerScaler, _address_key, available_workers
 
 
@@ -74,7 +74,7 @@ def _assert_left_nothing(children_before: set[int], threads_before: set[int], ad
 
 
 def test_none_without_client_starts_embedded_cluster_and_closes_it():
-    assert _current_client() is None, "a default Dask client from another test is still open"
+    assert current_client() is None, "a default Dask client from another test is still open"
     children, threads = _children(), _threads()
     with cluster_client(None, n_workers_hint=1) as handle:
         assert handle.embedded
@@ -90,7 +90,7 @@ def test_none_without_client_starts_embedded_cluster_and_closes_it():
         assert address.startswith("tcp://127.0.0.1:")
         assert _accepts_connections(address)
     assert handle.client.status == "closed"
-    assert _current_client() is None, "the embedded client is still the current client"
+    assert current_client() is None, "the embedded client is still the current client"
     _assert_left_nothing(children, threads, address)
 
 

@@ -16,11 +16,10 @@ from adadamp.dampers import (
     GradientDescent,
     PadaDamp,
     RadaDamp,
-    TrainState,
-    plan_update,
-    resolve_damper,
 )
-from adadamp.schedule import plan_epochs
+from adadamp._batch_size_param import resolve_damper
+from adadamp.schedule import plan_epochs, plan_update
+from adadamp.state import TrainState
 
 
 def batch_sizes(plans):

@@ -76,7 +76,8 @@ def test_bad_backend_fails_before_any_cluster_work(backend):
                         backend=backend, verbose=0)
     children = _children()
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'local', "
-                                         r"'centralized', 'decentralized'\), got "):
+                                         r"'centralized', 'decentralized'\), an Engine subclass or an "
+                                             r"Engine instance, got "):
         est.fit(X, y)
     assert _children() == children
 

@@ -19,7 +19,7 @@ from estimator_helpers import one_torch_thread, regression, updates  # noqa: F40
 from skorch.callbacks import Callback
 from torch import nn
 
-from adadamp.cluster import _current_client
+from adadamp.cluster import current_client
 from adadamp.dampers import GeoDamp
 from adadamp.estimators import DaskRegressor
 from adadamp.scaling import available_workers
@@ -50,7 +50,7 @@ def _listening() -> set[tuple[str, int]]:
 
 
 def test_embedded_cluster_leaves_no_process_or_port():
-    assert _current_client() is None, "a Dask client from another test is still the default"
+    assert current_client() is None, "a Dask client from another test is still the default"
     X, y = regression(n=128)
     children, listening = _children(), _listening()
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_embedded_cluster_leaves_no_process_or_port():
         time.sleep(0.1)
     assert _children() - children == set(), "worker processes outlived the fit"
     assert _listening() - listening == set(), "ports still listen after the fit"
-    assert _current_client() is None
+    assert current_client() is None
 
 
 # --------------------------------------------------------------------------- lost workers

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from adadamp.dampers import AdaDamp, Constant, GradientDescent, PadaDamp, TrainState
+from adadamp.dampers import AdaDamp, Constant, GradientDescent, PadaDamp
+from adadamp.state import TrainState
 from adadamp.experiments.synthetic import (
     METHODS,
     LossRecorder,

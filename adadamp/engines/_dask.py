@@ -9,10 +9,14 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..cluster import cluster_client, validate_client
-from ..dampers import BaseDamper, TrainState
-from ..scaling import WorkerScaler, workers_for
+from typing import Any
+
+from ..cluster import cluster_client
+from ..dampers import BaseDamper
+from ..examples import Examples
+from ..scaling import WorkerScaler
 from ..schedule import next_update
+from ..state import TrainState
 from . import _worker
 from .base import Engine, TrainConfig
 
@@ -35,21 +39,21 @@ class DaskEngine(Engine):
     fetch it on their first task and keep it.
     """
 
-    def __init__(self, config: TrainConfig, client=None):
-        super().__init__(config)
-        validate_client(client)  # a bad client fails before any cluster work
-        self.client_arg = client
+    def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
-        self.fit_id = uuid.uuid4().hex
         self.payload_future = None
 
-    def start(self, module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-              X: torch.Tensor, y: torch.Tensor) -> None:
+    def start(self, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
+              criterion: nn.Module, examples: Examples, client: Any = None) -> None:
+        # A new name per fit: workers cache a fit's model under it, and an
+        # engine object may serve several fits.
+        self.fit_id = uuid.uuid4().hex
+        self.config = config
         self.module, self.optimizer = module, optimizer
-        self.n_examples = len(X)
+        self.n_examples = len(examples)
         handle = self._exit.enter_context(cluster_client(
-            self.client_arg, n_workers_hint=self.config.min_workers,
-            device=self.config.device, max_workers=self.config.max_workers))
+            client, n_workers_hint=config.min_workers,
+            device=config.device, max_workers=config.max_workers))
         self.client = handle.client
         self.scaler = WorkerScaler(handle)
         self._payload = _worker.FitPayload(
@@ -57,9 +61,8 @@ class DaskEngine(Engine):
             module=copy.deepcopy(module).cpu(),
             criterion=criterion,
             optimizer=_worker.OptimizerRecipe.of(optimizer, module),
-            X=X.cpu(),
-            y=y.cpu(),
-            config=self.config,
+            examples=examples.to("cpu"),
+            config=config,
         )
         self.payload_future = None
         self.ensure_payload()
@@ -85,10 +88,6 @@ class DaskEngine(Engine):
         """Give the cluster ``workers`` workers, as far as it can."""
         return self.scaler.scale_to(workers)
 
-    def wanted_workers(self, batch_size: int) -> int:
-        c = self.config
-        return workers_for(batch_size, c.grads_per_worker, c.min_workers, c.max_workers)
-
     def guess_workers(self, damper: BaseDamper, state: TrainState, offset: int) -> int:
         """The worker count the next update will want, without touching the damper.
 
@@ -98,7 +97,7 @@ class DaskEngine(Engine):
         if damper.needs_loss:
             return self.scaler.n_workers or self.config.min_workers
         plan = next_update(copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset)
-        return self.wanted_workers(plan.full_batch_size)
+        return self.config.workers_for(plan.full_batch_size)
 
     def client_state(self) -> tuple[dict, dict]:
         """The client module's and optimizer's state, to start workers from."""

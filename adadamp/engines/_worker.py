@@ -1,7 +1,7 @@
 """What runs inside Dask worker processes, for both Dask engines.
 
 A fit hands one :class:`FitPayload` (module, criterion, optimizer recipe
-and the training tensors) to the cluster, published under a name. Tasks carry only a
+and the training examples) to the cluster, published under a name. Tasks carry only a
 :class:`PayloadRef`; :func:`worker_model` fetches the payload the first time
 a worker meets the fit and caches the worker's module, optimizer and data, so
 the training set reaches each worker once per fit whatever Dask later does
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..examples import Examples
+from ._loop import RankModel
 from .base import TrainConfig
 
 
@@ -53,8 +55,7 @@ class FitPayload:
     module: nn.Module
     criterion: nn.Module
     optimizer: OptimizerRecipe
-    X: torch.Tensor
-    y: torch.Tensor
+    examples: Examples
     config: TrainConfig
 
 
@@ -71,15 +72,9 @@ class PayloadRef:
 
 
 @dataclass
-class WorkerModel:
+class WorkerModel(RankModel):
     """A worker's own module, optimizer and data for one fit."""
 
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    criterion: nn.Module
-    X: torch.Tensor
-    y: torch.Tensor
-    config: TrainConfig
     state_token: tuple | None = None
     """``(token, with_optimizer)`` of the state the module holds now (see :func:`load_state`)."""
 
@@ -134,8 +129,7 @@ def worker_model(ref: PayloadRef) -> WorkerModel:
         module=module,
         optimizer=payload.optimizer.build(module),
         criterion=copy.deepcopy(payload.criterion).to(device),
-        X=payload.X.to(device),
-        y=payload.y.to(device),
+        examples=payload.examples.to(device),
         config=payload.config,
     )
     _MODELS[ref.fit_id] = model

@@ -4,10 +4,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from ..dampers import BaseDamper, TrainState
+from ..dampers import BaseDamper
+from ..examples import Examples
+from ..scaling import workers_for
+from ..state import TrainState
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,10 @@ class TrainConfig:
     min_workers: int = 1
     max_workers: int | None = None
     device: str = "cpu"
+
+    def workers_for(self, batch_size: int) -> int:
+        """The worker count an update of ``batch_size`` examples wants."""
+        return workers_for(batch_size, self.grads_per_worker, self.min_workers, self.max_workers)
 
 
 @dataclass
@@ -42,26 +51,33 @@ OnUpdate = Callable[[UpdateRecord], None]
 class Engine:
     """Computes the model updates of a fit.
 
-    The estimator calls :meth:`start` once per fit with its module, optimizer,
-    criterion and training tensors, then :meth:`run_epoch` once per epoch,
-    then :meth:`close`. When :meth:`run_epoch` returns, the estimator's
-    ``module`` and ``optimizer`` hold the epoch's result (so validation,
-    checkpoints and callbacks see it), and ``state`` has been advanced.
-    Engines never import the estimators.
+    The estimator calls :meth:`start` once per fit with its settings, module,
+    optimizer, criterion, training examples and Dask ``client`` argument,
+    then :meth:`run_epoch` once per epoch, then :meth:`close`. When
+    :meth:`run_epoch` returns, the estimator's ``module`` and ``optimizer``
+    hold the epoch's result (so validation, checkpoints and callbacks see
+    it), and ``state`` has been advanced. An engine object may serve several
+    fits in turn (``backend=`` takes an instance); engines never import the
+    estimators.
+
+    Attributes
+    ----------
+    fit_id : str or None
+        The name under which the Dask workers file the current fit's module
+        and data; None for an engine that runs in this process.
     """
 
     name = "base"
-
-    def __init__(self, config: TrainConfig):
-        self.config = config
+    fit_id: str | None = None
 
     def start(
         self,
+        config: TrainConfig,
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         criterion: nn.Module,
-        X: torch.Tensor,
-        y: torch.Tensor,
+        examples: Examples,
+        client: Any = None,
     ) -> None:
         raise NotImplementedError
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dampers import BaseDamper, TrainState
+from ..dampers import BaseDamper
 from ..schedule import UpdatePlan, advance, epoch_permutation, next_update
+from ..state import TrainState
 from . import _step, _worker
 from ._dask import DaskEngine
+from ._loop import loss_share, loss_shares, rank_gradient, step
 from .base import OnUpdate, UpdateRecord
 
 
@@ -64,11 +66,7 @@ def gradient_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.
     _worker.load_state(model, weights.module_state, None, weights.token)
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
-    loss = 0.0
-    if len(indices):
-        idx = indices.to(model.X.device)
-        loss = _step.accumulate_gradient_sum(model.module, model.criterion, model.X[idx], model.y[idx],
-                                             model.config.worker_max_batch_size)
+    loss = rank_gradient(model, indices.to(model.examples.device))
     grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module)]
     sq = _step.squared_norm(grads) / len(indices) ** 2 if needs_stats and len(indices) else 0.0
     return grads, loss, sq, len(indices)
@@ -79,30 +77,20 @@ def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePl
     """The parameter server's step: add the workers' sums, divide by ``B``, step."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, server.module_state, server.optimizer_state, server.token)
-    params = list(model.module.parameters())
-    total_loss = sum(r[1] for r in results)
-    loss = total_loss / plan.batch_size
-    lr = base_lrs[0] * plan.lr_factor
-    _step.check_finite(loss, update, plan.batch_size, lr)
-    for i, p in enumerate(params):
+    for i, p in enumerate(model.module.parameters()):
         p.grad = sum(r[0][i] for r in results).to(p.device)
-    stats = {}
-    if needs_stats:
-        mean_sq = _step.squared_norm([p.grad for p in params]) / plan.batch_size**2
-        stats = _step.gradient_stats(mean_sq, sum(r[2] for r in results), len(results), plan.batch_size)
-    _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
+    loss, _, stats = step(model, plan, update, sum(r[1] for r in results),
+                          sum(r[2] for r in results), len(results), base_lrs, needs_stats)
     module_state, optimizer_state = _worker.export_state(model)
     new = ServerState(module_state, optimizer_state, token=f"{server.token}+{update}")
     model.state_token = (new.token, True)  # the worker now holds exactly this state
     return new, weights_of(new), UpdateInfo(loss, stats, time.time())
 
 
-def loss_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor) -> float:
+def loss_task(payload: _worker.PayloadRef, weights: Weights, indices) -> float:
     model = _worker.worker_model(payload)
     _worker.load_state(model, weights.module_state, None, weights.token)
-    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
-    idx = indices.to(model.X.device)
-    return _step.loss_sum(model.module, model.criterion, model.X[idx], model.y[idx], chunk)
+    return loss_share(model, indices)
 
 
 class CentralizedEngine(DaskEngine):
@@ -142,7 +130,7 @@ class CentralizedEngine(DaskEngine):
                 flush()
                 state.train_loss = self._training_loss(damper, state, weights)
             plan = next_update(damper, state, config.max_batch_size, offset)
-            wanted = self.wanted_workers(plan.full_batch_size)
+            wanted = config.workers_for(plan.full_batch_size)
             if wanted != last_wanted:
                 flush()  # rescale between updates, never under running tasks
                 self.scale_to(wanted)
@@ -172,13 +160,11 @@ class CentralizedEngine(DaskEngine):
         self.adopt_state(final.module_state, final.optimizer_state)
 
     def _training_loss(self, damper: BaseDamper, state: TrainState, weights) -> float:
-        fraction = getattr(damper, "loss_fraction", 1.0)
-        idx = torch.from_numpy(_step.loss_indices(self.config.seed, state.model_updates,
-                                                  self.n_examples, fraction))
         workers = self.scaler.workers() or [None]
+        shares = loss_shares(self.config, damper, state, self.n_examples, len(workers))
         parts = [
-            self.client.submit(loss_task, self.ensure_payload(), weights, idx[lo:hi].clone(),
+            self.client.submit(loss_task, self.ensure_payload(), weights, share,
                                workers=[w] if w else None, allow_other_workers=True, pure=False)
-            for w, (lo, hi) in zip(workers, _step.split_slices(len(idx), len(workers)))
+            for w, share in zip(workers, shares)
         ]
-        return sum(self.client.gather(parts)) / len(idx)
+        return sum(self.client.gather(parts)) / sum(len(s) for s in shares)

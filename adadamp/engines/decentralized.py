@@ -24,12 +24,13 @@ from distributed import wait
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from ..dampers import BaseDamper, TrainState
-from ..exceptions import ConvergenceError
-from ..scaling import available_workers, workers_for
-from ..schedule import advance, epoch_permutation, next_update
-from . import _step, _worker
+from ..dampers import BaseDamper
+from ..scaling import available_workers
+from ..schedule import epoch_permutation
+from ..state import TrainState
+from . import _worker
 from ._dask import DaskEngine, host_of
+from ._loop import Reducer, run_updates
 from .base import OnUpdate, UpdateRecord
 
 logger = logging.getLogger(__name__)
@@ -79,96 +80,41 @@ def _process_group(host: str, port: int, rank: int, world: int, device: str):
     return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
 
 
+class GroupReducer(Reducer):
+    """Sums over the ranks of a segment's process group."""
+
+    def __init__(self, group, rank: int, world: int):
+        self.group, self.rank, self.world = group, rank, world
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.group is not None:
+            self.group.allreduce([tensor]).wait()
+
+
 def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int,
                 host: str, port: int) -> SegmentResult | None:
     """Run updates on this rank until the epoch ends or the worker count must change."""
     model = _worker.worker_model(payload)
     config = model.config
     _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    module, optimizer = model.module, model.optimizer
     # ``start`` may be the very object Dask serves to the other ranks: never mutate it.
     damper, state = copy.deepcopy(start.damper), copy.deepcopy(start.state)
-    device = model.X.device
     group = _process_group(host, port, rank, world, config.device) if world > 1 else None
-
-    # Gradients live as views of one flat buffer, so backward writes straight
-    # into what is all-reduced: one collective per update, no copies. Two
-    # extra slots carry the loss sum and this rank's squared gradient norm.
-    params = [p for p in module.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
-    flat = torch.zeros(sum(sizes) + 2, device=device)
-    grads = flat[:-2]
-    for p, view in zip(params, torch.split(grads, sizes)):
-        p.grad = view.view_as(p)
-
-    def all_reduce(tensor: torch.Tensor) -> None:
-        if group is not None:
-            group.allreduce([tensor]).wait()
-
-    n = len(model.X)
-    order = torch.from_numpy(epoch_permutation(config.seed, start.epoch, n)).to(device)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    reducer = GroupReducer(group, rank, world)
+    device = model.examples.device
+    order = torch.from_numpy(epoch_permutation(config.seed, start.epoch, len(model.examples)))
     records: list[UpdateRecord] = []
-    offset, wanted = start.offset, None
-    module.train()
-    while offset < n:
-        began = time.perf_counter()
-        if damper.needs_loss and damper.loss_due(state):
-            state.train_loss = _sharded_loss(model, damper, state, rank, world, all_reduce)
-        plan = next_update(damper, state, config.max_batch_size, offset)
-        wanted_now = workers_for(plan.full_batch_size, config.grads_per_worker,
-                                 config.min_workers, config.max_workers)
-        if wanted_now != start.target_workers:
-            wanted = wanted_now
-            break
-        lo, hi = _step.split_slices(plan.batch_size, world)[rank]
-        idx = order[offset + lo : offset + hi]
-        flat.zero_()
-        if len(idx):
-            flat[-2] = _step.accumulate_gradient_sum(
-                module, model.criterion, model.X[idx], model.y[idx], config.worker_max_batch_size)
-        if damper.needs_grad_stats and len(idx):
-            flat[-1] = grads.double().pow(2).sum() / len(idx) ** 2
-        all_reduce(flat)
-        loss = float(flat[-2]) / plan.batch_size
-        lr = base_lrs[0] * plan.lr_factor
-        _step.check_finite(loss, state.model_updates + 1, plan.batch_size, lr)
-        stats = {}
-        if damper.needs_grad_stats:
-            mean_sq = float(grads.double().pow(2).sum()) / plan.batch_size**2
-            stats = _step.gradient_stats(mean_sq, float(flat[-1]), world, plan.batch_size)
-        _step.apply_update(module, optimizer, base_lrs, plan.lr_factor, plan.batch_size)
-        advance(state, plan.batch_size)
-        state.last_loss, state.grad_stats = loss, stats
-        offset += plan.batch_size
-        if rank == 0:
-            records.append(UpdateRecord(plan.damping, plan.batch_size, lr, world, loss,
-                                        time.perf_counter() - began, stats))
-    for group_, base in zip(optimizer.param_groups, base_lrs):
-        group_["lr"] = base
-    for p in params:  # detach the views so later loads start clean
-        p.grad = None
+    on_update = records.append if rank == 0 else (lambda record: None)
+    offset, stopped_at = run_updates(
+        model, damper, state, order.to(device), start.offset, reducer, on_update,
+        keep_going=lambda plan: config.workers_for(plan.full_batch_size) == start.target_workers)
+    wanted = None if stopped_at is None else config.workers_for(stopped_at.full_batch_size)
     if rank != 0:
         model.state_token = None
         return None
     module_state, optimizer_state = _worker.export_state(model)
     model.state_token = None
     return SegmentResult(offset, records, module_state, optimizer_state, damper, state, wanted)
-
-
-def _sharded_loss(model: _worker.WorkerModel, damper: BaseDamper, state: TrainState,
-                  rank: int, world: int, all_reduce) -> float:
-    """The damper's training loss: each rank evaluates a share, one all-reduce sums them."""
-    fraction = getattr(damper, "loss_fraction", 1.0)
-    idx = _step.loss_indices(model.config.seed, state.model_updates, len(model.X), fraction)
-    lo, hi = _step.split_slices(len(idx), world)[rank]
-    mine = torch.from_numpy(idx[lo:hi]).to(model.X.device)
-    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
-    total = torch.zeros(1, dtype=torch.float64, device=model.X.device)
-    if len(mine):
-        total[0] = _step.loss_sum(model.module, model.criterion, model.X[mine], model.y[mine], chunk)
-    all_reduce(total)
-    return float(total[0]) / len(idx)
 
 
 class DecentralizedEngine(DaskEngine):
@@ -200,7 +146,7 @@ class DecentralizedEngine(DaskEngine):
                 on_update(record)
             module_state, optimizer_state = result.module_state, result.optimizer_state
             damper.load_state_dict(result.damper.state_dict())
-            vars(state).update(vars(result.state))
+            state.load_state_dict(result.state.state_dict())
             offset = result.offset
             if result.wanted_workers is not None:
                 target = result.wanted_workers

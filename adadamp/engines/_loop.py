@@ -1,0 +1,161 @@
+"""The one loop of model updates on one rank, which every engine runs or reuses.
+
+An update is: plan it (the damper, through :func:`~adadamp.schedule.next_update`),
+refresh the damper's training loss when it is due, take this rank's slice of
+the batch, sum its gradients, reduce the sums over the ranks, check for
+divergence, take the optimizer step, compute the gradient statistics, and
+record it. The local engine runs this loop with one rank and no reduction;
+the decentralized engine runs it on every rank with an all-reduce; the
+centralized engine calls its pieces (:func:`rank_gradient`, :func:`step`,
+:func:`loss_shares`) from its Dask tasks. A change to what an update computes
+or records is one edit here.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..dampers import BaseDamper
+from ..examples import Examples
+from ..schedule import UpdatePlan, advance, next_update
+from ..state import TrainState
+from . import _step
+from .base import OnUpdate, TrainConfig, UpdateRecord
+
+
+@dataclass
+class RankModel:
+    """What one rank computes with: its module, optimizer, loss and examples."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    examples: Examples
+    config: TrainConfig
+
+
+class Reducer:
+    """Sums tensors in place over the ranks of a group. With one rank: nothing to do."""
+
+    rank = 0
+    world = 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` by its sum over the ranks."""
+
+
+def loss_shares(config: TrainConfig, damper: BaseDamper, state: TrainState, n: int,
+                world: int) -> list[np.ndarray]:
+    """The examples of the damper's loss estimate, split into ``world`` contiguous shares."""
+    idx = _step.loss_indices(config.seed, state.model_updates, n, damper.loss_fraction)
+    return [idx[lo:hi] for lo, hi in _step.split_slices(len(idx), world)]
+
+
+def loss_share(model: RankModel, indices: np.ndarray) -> float:
+    """The summed loss over ``indices`` (eval mode, no gradients)."""
+    if not len(indices):
+        return 0.0
+    X, y = model.examples.take(torch.from_numpy(indices).to(model.examples.device))
+    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
+    return _step.loss_sum(model.module, model.criterion, X, y, chunk)
+
+
+def training_loss(model: RankModel, damper: BaseDamper, state: TrainState,
+                  reducer: Reducer) -> float:
+    """The damper's training loss: each rank evaluates its share, one reduction adds them."""
+    shares = loss_shares(model.config, damper, state, len(model.examples), reducer.world)
+    total = torch.zeros(1, dtype=torch.float64, device=model.examples.device)
+    total[0] = loss_share(model, shares[reducer.rank])
+    reducer.all_reduce(total)
+    return float(total[0]) / sum(len(s) for s in shares)
+
+
+def rank_gradient(model: RankModel, indices: torch.Tensor) -> float:
+    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss."""
+    if not len(indices):
+        return 0.0
+    X, y = model.examples.take(indices)
+    return _step.accumulate_gradient_sum(model.module, model.criterion, X, y,
+                                         model.config.worker_max_batch_size)
+
+
+def step(model: RankModel, plan: UpdatePlan, update: int, loss_sum: float,
+         worker_sq_sum: float, workers: int, base_lrs: list[float],
+         needs_stats: bool) -> tuple[float, float, dict[str, float]]:
+    """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
+
+    Checks the loss for divergence, computes the gradient statistics and takes
+    the optimizer step. Returns ``(mean loss, learning rate, statistics)``.
+    """
+    loss = loss_sum / plan.batch_size
+    lr = base_lrs[0] * plan.lr_factor
+    _step.check_finite(loss, update, plan.batch_size, lr)
+    stats: dict[str, float] = {}
+    if needs_stats:
+        mean_sq = _step.squared_norm(_step.gradient_tensors(model.module)) / plan.batch_size**2
+        stats = _step.gradient_stats(mean_sq, worker_sq_sum, workers, plan.batch_size)
+    _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
+    return loss, lr, stats
+
+
+def run_updates(model: RankModel, damper: BaseDamper, state: TrainState, order: torch.Tensor,
+                offset: int, reducer: Reducer, on_update: OnUpdate,
+                keep_going: Callable[[UpdatePlan], bool] | None = None,
+                ) -> tuple[int, UpdatePlan | None]:
+    """Run updates from ``offset`` of the epoch's ``order`` until the epoch ends.
+
+    Every rank calls this with the same damper, state and order, and advances
+    them identically. ``keep_going``, asked before each update, may stop the
+    run early (the decentralized engine stops when the damper wants another
+    worker count). Returns the offset reached and the plan that was not run
+    (None when the epoch ended). Learning rates set per update are restored
+    on return, so that skorch callbacks that schedule the base rate keep working.
+    """
+    module, optimizer, config = model.module, model.optimizer, model.config
+    # Gradients live as views of one flat buffer, so backward writes straight
+    # into what is reduced: one reduction per update, no copies. Two extra
+    # slots carry the loss sum and this rank's squared gradient norm.
+    params = [p for p in module.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    dtype = params[0].dtype if params else torch.float32
+    flat = torch.zeros(sum(sizes) + 2, dtype=dtype, device=model.examples.device)
+    grads = flat[:-2]
+    for p, view in zip(params, torch.split(grads, sizes)):
+        p.grad = view.view_as(p)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    n = len(model.examples)
+    module.train()
+    try:
+        while offset < n:
+            began = time.perf_counter()
+            if damper.needs_loss and damper.loss_due(state):
+                state.train_loss = training_loss(model, damper, state, reducer)
+            plan = next_update(damper, state, config.max_batch_size, offset)
+            if keep_going is not None and not keep_going(plan):
+                return offset, plan
+            lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
+            flat.zero_()
+            if hi > lo:
+                flat[-2] = rank_gradient(model, order[offset + lo : offset + hi])
+                if damper.needs_grad_stats:
+                    flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
+            reducer.all_reduce(flat)
+            loss, lr, stats = step(model, plan, state.model_updates + 1, float(flat[-2]),
+                                   float(flat[-1]), reducer.world, base_lrs,
+                                   damper.needs_grad_stats)
+            advance(state, plan.batch_size)
+            state.last_loss, state.grad_stats = loss, stats
+            offset += plan.batch_size
+            on_update(UpdateRecord(plan.damping, plan.batch_size, lr, reducer.world, loss,
+                                   time.perf_counter() - began, stats))
+        return offset, None
+    finally:
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base
+        for p in params:  # detach the views, so that later loads and steps start clean
+            p.grad = None
