@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("adadamp.experiments.train", "train one model on an embedded default and print the per-epoch table"),
     "compare": ("adadamp.experiments.compare", "train one model under the Smith et al. schedules and plot them"),
-    "simulate": ("adadamp.simulate_cli", "estimate the wall-clock time of a run under a network"),
+    "simulate": ("adadamp.simulate.cli", "estimate the wall-clock time of a run under a network"),
 }
 
 

@@ -256,3 +256,14 @@ def test_cli_paper_prints_the_papers_figures(capsys):
         for figure in expected[label]:
             assert figure in row.split()
     assert "fitted" in out
+
+
+def test_package_exports_the_model_and_the_paper():
+    import adadamp.simulate as package
+    from adadamp.simulate import model, paper
+
+    assert set(package.__all__) == set(model.__all__) | set(paper.__all__)
+    for name in model.__all__:
+        assert getattr(package, name) is getattr(model, name), name
+    for name in paper.__all__:
+        assert getattr(package, name) is getattr(paper, name), name

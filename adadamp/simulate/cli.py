@@ -4,7 +4,8 @@ The run is either a recorded history (``--history``: a JSON list of update
 records, or a CSV with a ``batch_size`` column) or a ``GeoDamp`` schedule
 (``--initial``, ``--factor``, ``--delay``, ``--epochs``, ``--n-examples``,
 ``--max-batch-size``). ``--paper`` prints the reproduction of the paper's
-tables instead. The model itself is :mod:`adadamp.simulate`.
+tables instead. The model itself is :mod:`adadamp.simulate.model`, the
+tables :mod:`adadamp.simulate.paper`.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from . import simulate as sim
-from .dampers import GeoDamp
+from ..dampers import GeoDamp
+from . import model as sim
+from .paper import format_paper_table, paper_table
 
 # Schedule options default to None so that mixing them with --history is detectable.
 _SCHEDULE_DEFAULTS = {
@@ -195,8 +197,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``adadamp simulate``; 0 on success, 2 on bad input."""
     try:
         if args.paper:
-            table = sim.paper_table(seconds_per_example=args.seconds_per_example, n_params=args.n_params)
-            print(sim.format_paper_table(table))
+            table = paper_table(seconds_per_example=args.seconds_per_example, n_params=args.n_params)
+            print(format_paper_table(table))
             return 0
         label, network, arch = _preset(args)
         updates, workers, run_text = _run_description(args)
