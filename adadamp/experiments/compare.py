@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schedules import SCHEDULE_NAMES, Schedule, increase_epochs, smith_schedules
+from .schedules import SCHEDULE_NAMES, SmithSchedule, increase_epochs, smith_schedules
 from .train import (
     BACKEND_CHOICES,
     DEFAULT_BACKEND,
@@ -178,7 +178,7 @@ def _module(config: CompareConfig) -> type[torch.nn.Module]:
 
 
 def train_one(
-    schedule: Schedule,
+    schedule: SmithSchedule,
     seed: int,
     config: CompareConfig,
     data: Sequence[torch.Tensor],

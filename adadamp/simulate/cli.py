@@ -151,10 +151,10 @@ def _run_description(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, 
     # Integral floats become ints so that the damper prints as typed (delay=60, not 60.0).
     delay, factor = (int(v) if float(v).is_integer() else v for v in (opts["delay"], opts["factor"]))
     damper = GeoDamp(initial=opts["initial"], delay=delay, factor=factor)
-    schedule = sim.Schedule(damper, opts["n_examples"], opts["epochs"], args.max_batch_size)
+    planned = sim.PlannedRun(damper, opts["n_examples"], opts["epochs"], args.max_batch_size)
     cap = "no max batch size" if args.max_batch_size is None else f"max batch size {args.max_batch_size:,}"
     text = f"{damper!r}, {opts['epochs']} epochs of {opts['n_examples']:,} examples, {cap}"
-    return schedule, None, text
+    return planned, None, text
 
 
 def format_result(result: sim.SimResult, label: str, run_text: str) -> str:

@@ -51,7 +51,7 @@ __all__ = [
     "Centralized",
     "Decentralized",
     "Network",
-    "Schedule",
+    "PlannedRun",
     "SimResult",
     "UpdateTime",
     "batch_sizes_of",
@@ -307,10 +307,11 @@ def _check_model(seconds_per_example: float, n_params: int, bytes_per_param: int
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """A damper's batch sizes over ``epochs`` epochs of ``n_examples`` examples.
+class PlannedRun:
+    """A run planned ahead: a damper over ``epochs`` epochs of ``n_examples`` examples.
 
-    The updates are those the engines would run (:func:`adadamp.schedule.plan_epochs`):
+    Only a damper that does not adapt to the model can be planned. The updates
+    are those the engines would run (:func:`adadamp.schedule.plan_epochs`):
     each epoch consumed ``B`` examples at a time, its last update taking what
     is left, ``B`` capped at ``max_batch_size``. As in the engines, the workers
     of an update are sized for the full (capped) batch size, so the short last
@@ -335,7 +336,7 @@ class Schedule:
         return self.plan()[0]
 
 
-Updates = Union[Sequence[int], np.ndarray, Sequence[Mapping[str, Any]], Schedule]
+Updates = Union[Sequence[int], np.ndarray, Sequence[Mapping[str, Any]], PlannedRun]
 
 
 def update_records(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -358,8 +359,8 @@ def update_records(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
 
 
 def batch_sizes_of(updates: Updates) -> np.ndarray:
-    """The batch size of every update: from ints, a history, or a :class:`Schedule`."""
-    if isinstance(updates, Schedule):
+    """The batch size of every update: from ints, a history, or a :class:`PlannedRun`."""
+    if isinstance(updates, PlannedRun):
         sizes = updates.batch_sizes()
     else:
         updates = list(updates)
@@ -428,10 +429,10 @@ def simulate_run(
 
     Parameters
     ----------
-    updates : sequence of int, history, or Schedule
+    updates : sequence of int, history, or PlannedRun
         The batch size of every update; a history (update records with a
         ``"batch_size"`` key, or skorch epoch records with ``"batches"``); or a
-        :class:`Schedule` of a non-adaptive damper.
+        :class:`PlannedRun` of a non-adaptive damper.
     network : Network or str, default="decentralized-moderate"
         A :class:`Network`, or a preset name of :data:`NETWORKS`.
     architecture : Architecture or str, optional
@@ -448,7 +449,7 @@ def simulate_run(
     full_batch_sizes : sequence of int, optional
         The batch size each update's workers are sized for, when it differs
         from the batch size (the short last update of an epoch). A
-        :class:`Schedule` supplies it; otherwise the batch sizes are used.
+        :class:`PlannedRun` supplies it; otherwise the batch sizes are used.
 
     Returns
     -------
@@ -456,7 +457,7 @@ def simulate_run(
     """
     net, arch = resolve(network, architecture)
     _check_model(seconds_per_example, n_params, bytes_per_param)
-    if isinstance(updates, Schedule):
+    if isinstance(updates, PlannedRun):
         sizes, full = updates.plan()
     else:
         sizes = batch_sizes_of(updates)

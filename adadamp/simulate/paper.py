@@ -21,7 +21,7 @@ from .model import (
     WRN_16_4_PARAMS,
     Architecture,
     Network,
-    Schedule,
+    PlannedRun,
     SimResult,
     simulate_run,
 )
@@ -79,7 +79,7 @@ def _paper_plan(initial: int, max_batch_size: int, lr_decay: bool) -> tuple[np.n
     # Planning 200 epochs walks ~78k updates in Python; the schedules are fixed, so cache them.
     damper_cls = GeoDampLR if lr_decay else GeoDamp
     damper = damper_cls(initial=initial, delay=PAPER_DELAY, factor=PAPER_FACTOR)
-    sizes, full = Schedule(damper, PAPER_N_EXAMPLES, PAPER_EPOCHS, max_batch_size).plan()
+    sizes, full = PlannedRun(damper, PAPER_N_EXAMPLES, PAPER_EPOCHS, max_batch_size).plan()
     sizes.setflags(write=False)
     full.setflags(write=False)
     return sizes, full
