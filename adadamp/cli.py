@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .exceptions import MissingExtraError
+
 SUBCOMMANDS = {
     "train": ("adadamp.experiments.train", "train one model on an embedded default and print the per-epoch table"),
     "compare": ("adadamp.experiments.compare", "train one model under the Smith et al. schedules and plot them"),
@@ -30,7 +32,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except MissingExtraError as err:
+        # A subcommand of an optional extra: say what to install, no traceback.
+        command = next((a for a in argv if a in SUBCOMMANDS), "")
+        print(f"adadamp {command}: error: {err}", file=sys.stderr)
+        return 1
     module_name = SUBCOMMANDS[args.command][0]
     return int(importlib.import_module(module_name).run(args) or 0)
 
