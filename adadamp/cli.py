@@ -12,6 +12,13 @@ import sys
 
 from .exceptions import MissingExtraError
 
+#: The top-level help text; the docstring above is reStructuredText, this is
+#: what a terminal shows.
+DESCRIPTION = "Grow the batch size while training: run the experiments, or simulate a run's wall-clock time."
+
+EPILOG = 'train and compare need the experiments extra: pip install "adadamp[experiments]"'
+
+#: Subcommand -> (module, help text). Help texts are plain text.
 SUBCOMMANDS = {
     "train": ("adadamp.experiments.train", "train one model on an embedded default and print the per-epoch table"),
     "compare": ("adadamp.experiments.compare", "train one model under the Smith et al. schedules and plot them"),
@@ -20,7 +27,7 @@ SUBCOMMANDS = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adadamp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="adadamp", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

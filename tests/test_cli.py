@@ -58,3 +58,23 @@ def test_the_core_needs_no_extra(tmp_path):
                    blocked=("matplotlib", "mnist1d"))
     assert done.returncode == 0, done.stderr
     assert "78,200" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["compare"], ["simulate"]])
+def test_help_is_plain_text(argv, capsys):
+    from adadamp.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: adadamp")
+    assert "``" not in printed
+
+
+def test_synthetic_help_is_plain_text(capsys):
+    from adadamp.experiments.synthetic import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
