@@ -1,9 +1,9 @@
 """The records that the experiment runners write and the figures draw.
 
-Apart from the runners so that :mod:`~adadamp.experiments.plots` needs
-none of them: :mod:`~adadamp.experiments.compare` and
+Kept apart from the runners so that :mod:`~adadamp.experiments.plots`
+imports none of them: :mod:`~adadamp.experiments.compare` and
 :mod:`~adadamp.experiments.synthetic` fill these records in and call the
-plots; the plots read them.
+plots, and the plots read them.
 """
 from __future__ import annotations
 
