@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install adadamp into it with its test tools.
+# Create .venv (if missing) and install adadamp into it with the experiments
+# extra (matplotlib, mnist1d) and its test tools.
 #
 # PyTorch is installed first, and only when the environment has none: a
 # plain `pip install torch` resolves to the CUDA build with several GB of GPU
@@ -23,4 +24,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install $TORCH_PIP_ARGS "$TORCH_SPEC"
 fi
 # The package requires torch>=2.1, which the install above satisfies: pip adds no second torch.
-pip install -e ".[test]"
+pip install -e ".[experiments,test]"

@@ -15,7 +15,7 @@ from adadamp.simulate import (
     Centralized,
     Decentralized,
     Network,
-    Schedule,
+    PlannedRun,
     paper_table,
     resolve,
     simulate_run,
@@ -110,7 +110,7 @@ def test_full_batch_sizes_size_the_workers():
 
 
 def test_a_schedule_keeps_the_epochs_workers_for_its_last_update():
-    res = simulate_run(Schedule(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
+    res = simulate_run(PlannedRun(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
                        network="decentralized-high", grads_per_worker=100)
     assert res.batch_sizes.tolist() == [300, 300, 300, 100] * 2
     assert res.workers.tolist() == [3] * 8
@@ -124,7 +124,7 @@ def test_rescale_is_charged_when_the_workers_change():
 
 def test_a_larger_max_batch_size_never_gives_more_updates():
     counts = [
-        simulate_run(Schedule(GeoDamp(initial=32, delay=2, factor=4), 3_000, 10, cap)).n_updates
+        simulate_run(PlannedRun(GeoDamp(initial=32, delay=2, factor=4), 3_000, 10, cap)).n_updates
         for cap in (32, 128, 512, 2048, None)
     ]
     assert counts == sorted(counts, reverse=True)
@@ -191,7 +191,7 @@ def test_cli_schedule_end_to_end(capsys):
             "--delay", "2", "--epochs", "6", "--n-examples", "5000", "--max-batch-size", "1024"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    res = simulate_run(Schedule(GeoDamp(initial=64, delay=2, factor=4), 5000, 6, 1024),
+    res = simulate_run(PlannedRun(GeoDamp(initial=64, delay=2, factor=4), 5000, 6, 1024),
                        network="centralized")
     assert _expected_total_line(res) in out
     assert f"{res.n_updates:,} updates" in out
@@ -205,7 +205,7 @@ def test_cli_custom_network_and_overhead(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     arch = Centralized(overhead_s=0.2)
-    res = simulate_run(Schedule(GeoDamp(128, 60, 5), 1000, 2), network=Network(1e9, 10e-6),
+    res = simulate_run(PlannedRun(GeoDamp(128, 60, 5), 1000, 2), network=Network(1e9, 10e-6),
                        architecture=arch)
     assert "1 Gb/s, 10 us latency" in out and "200.00 ms/update" in out
     assert _expected_total_line(res) in out
@@ -256,3 +256,14 @@ def test_cli_paper_prints_the_papers_figures(capsys):
         for figure in expected[label]:
             assert figure in row.split()
     assert "fitted" in out
+
+
+def test_package_exports_the_model_and_the_paper():
+    import adadamp.simulate as package
+    from adadamp.simulate import model, paper
+
+    assert set(package.__all__) == set(model.__all__) | set(paper.__all__)
+    for name in model.__all__:
+        assert getattr(package, name) is getattr(model, name), name
+    for name in paper.__all__:
+        assert getattr(package, name) is getattr(paper, name), name

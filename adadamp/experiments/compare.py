@@ -33,17 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schedules import SCHEDULE_NAMES, Schedule, increase_epochs, smith_schedules
-from .train import (
+from .results import DEFAULT_NETWORK, EPOCH_KEYS, CompareConfig, RunResult
+from .runtime import (
     BACKEND_CHOICES,
     DEFAULT_BACKEND,
     TestScoring,
-    _positive_int,
     dask_client,
+    positive_int,
     torch_threads,
     worker_limit,
 )
+from .schedules import SCHEDULE_NAMES, SmithSchedule, increase_epochs, smith_schedules
 
+# CompareConfig and RunResult live in results.py (the plots read them too);
+# they are listed here as the types this module's functions take and return.
 __all__ = [
     "CompareConfig",
     "RunResult",
@@ -60,9 +63,6 @@ __all__ = [
 #: Shared by every schedule (Smith et al. Sec. 5.1).
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
-
-#: The network of the simulated wall-clock (a preset of adadamp.simulate.NETWORKS).
-DEFAULT_NETWORK = "decentralized-moderate"
 
 #: Per data set: initial batch size, learning rate, epochs and ghost batch
 #: norm of the default run, tuned over 2 seeds with the five schedules (final
@@ -86,53 +86,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"batch_size": 32, "lr": 0.1, "epochs": 20, "ghost_batch_size": None},
     "mnist1d": {"batch_size": 32, "lr": 0.1, "epochs": 30, "ghost_batch_size": 32},
 }
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """What ``adadamp compare`` runs (its command-line options)."""
-
-    dataset: str = "digits"
-    epochs: int = 20
-    seeds: int = 2
-    batch_size: int = 32
-    lr: float = 0.1
-    backend: str = DEFAULT_BACKEND
-    ghost_batch_size: int | None = None
-    n_train: int | None = None
-    network: str = DEFAULT_NETWORK
-    max_workers: int | None = None
-    threads: int | None = 1
-    schedules: tuple[str, ...] = SCHEDULE_NAMES
-
-
-@dataclass
-class RunResult:
-    """One (schedule, seed) run.
-
-    ``epochs`` holds one dict per epoch (see :data:`EPOCH_KEYS`);
-    ``updates`` one dict per model update (batch size, learning rate,
-    workers, loss, duration in seconds).
-    """
-
-    schedule: str
-    seed: int
-    epochs: list[dict[str, float]]
-    updates: list[dict[str, float]]
-    n_params: int
-    initial_batch_size: int
-    max_batch_size: int | None
-
-    @property
-    def batch_sizes(self) -> np.ndarray:
-        return np.array([u["batch_size"] for u in self.updates], dtype=np.int64)
-
-
-#: The per-epoch record of a run, in CSV column order.
-EPOCH_KEYS = (
-    "epoch", "test_accuracy", "test_loss", "train_loss", "model_updates", "examples",
-    "batch_size", "lr", "workers", "wall_clock_s", "sim_wall_clock_s",
-)
 
 
 @dataclass
@@ -178,7 +131,7 @@ def _module(config: CompareConfig) -> type[torch.nn.Module]:
 
 
 def train_one(
-    schedule: Schedule,
+    schedule: SmithSchedule,
     seed: int,
     config: CompareConfig,
     data: Sequence[torch.Tensor],
@@ -408,32 +361,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``adadamp compare`` options to ``parser``."""
     parser.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS), default="digits",
                         help="data set and model: digits (DigitsCNN) or mnist1d (MNIST1DCNN)")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="epochs per run (default: digits 20, mnist1d 30)")
-    parser.add_argument("--seeds", type=_positive_int, default=2,
+    parser.add_argument("--seeds", type=positive_int, default=2,
                         help="runs per schedule, seeds 0..N-1 (default 2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="initial batch size b; Hybrid*2 starts at 2b (default 32)")
     parser.add_argument("--lr", type=float, default=None,
                         help="initial learning rate of every schedule (default 0.1)")
     parser.add_argument("--ghost-batch-size", type=_non_negative_int, default=None,
                         help="ghost batch normalization over this many examples; 0 for none "
                              "(default: digits none, mnist1d 32)")
-    parser.add_argument("--n-train", type=_positive_int, default=None,
+    parser.add_argument("--n-train", type=positive_int, default=None,
                         help="train on the first N training examples only (quick checks)")
     parser.add_argument("--schedules", nargs="+", choices=SCHEDULE_NAMES, metavar="NAME",
                         default=list(SCHEDULE_NAMES),
                         help="schedules to run (default: all five)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default=DEFAULT_BACKEND,
                         help=f"who computes the model updates (default {DEFAULT_BACKEND})")
-    parser.add_argument("--max-workers", type=_positive_int, default=None,
+    parser.add_argument("--max-workers", type=positive_int, default=None,
                         help="most Dask workers of a Dask backend (default: the CPU cores)")
     from ..simulate import NETWORKS
 
     parser.add_argument("--network", choices=sorted(NETWORKS), default=DEFAULT_NETWORK,
                         help="network preset of the simulated wall-clock "
                              f"(default {DEFAULT_NETWORK})")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads in this process (default 1: the models are tiny)")
     parser.add_argument("--out", type=Path, default=Path("compare-out"),
                         help="folder for plots, histories and summary.json (default compare-out)")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # imported for annotations only: plots must not import the trainers
-    from .compare import CompareConfig, RunResult
-    from .synthetic import SyntheticRun
+# The records only, not the runners: compare and synthetic import this module.
+from .results import CompareConfig, RunResult, SyntheticRun
+from .schedules import schedule_delay
 
 __all__ = ["plot_compare", "plot_synthetic"]
 
@@ -181,8 +181,6 @@ def _integer_locator() -> Any:
 
 
 def _delay_text(config: CompareConfig) -> str:
-    from .schedules import schedule_delay
-
     delay = schedule_delay(config.epochs)
     return f"{delay} epoch" + ("s" if delay != 1 else "")
 

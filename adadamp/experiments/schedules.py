@@ -50,7 +50,7 @@ __all__ = [
     "FACTOR",
     "INCREASE_FRACTION",
     "SCHEDULE_NAMES",
-    "Schedule",
+    "SmithSchedule",
     "increase_epochs",
     "schedule_delay",
     "smith_schedules",
@@ -71,8 +71,8 @@ MAX_INCREASES = 3
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """One schedule: what to pass to the estimator.
+class SmithSchedule:
+    """One named schedule of the comparison: what to pass to the estimator.
 
     Attributes
     ----------
@@ -130,7 +130,7 @@ def increase_epochs(epochs: int) -> list[int]:
 
 def smith_schedules(
     epochs: int, initial_batch_size: int = 128, lr: float = 0.05
-) -> list[Schedule]:
+) -> list[SmithSchedule]:
     """The five schedules of Smith et al. Sec. 5.1, scaled to ``epochs`` epochs.
 
     Parameters
@@ -145,7 +145,7 @@ def smith_schedules(
 
     Returns
     -------
-    list of Schedule
+    list of SmithSchedule
         In the order of :data:`SCHEDULE_NAMES`.
     """
     _check_epochs(epochs)
@@ -167,12 +167,12 @@ def smith_schedules(
         return GeoDamp(initial=initial, delay=delay, factor=FACTOR)
 
     return [
-        Schedule("Dec. LR", GeoDampLR(initial=b, delay=delay, factor=FACTOR), None, lr),
-        Schedule("Hybrid inc-1", geo(b), b * FACTOR, lr),
-        Schedule("Hybrid inc-2", geo(b), b * FACTOR**2, lr),
-        Schedule("Inc. BS", geo(b), None, lr),
+        SmithSchedule("Dec. LR", GeoDampLR(initial=b, delay=delay, factor=FACTOR), None, lr),
+        SmithSchedule("Hybrid inc-1", geo(b), b * FACTOR, lr),
+        SmithSchedule("Hybrid inc-2", geo(b), b * FACTOR**2, lr),
+        SmithSchedule("Inc. BS", geo(b), None, lr),
         # The paper's 5.1k (*2) row: 256 -> cap 5,120, i.e. 20 times the initial batch.
-        Schedule("Hybrid*2", geo(2 * b), 2 * b * 20, lr),
+        SmithSchedule("Hybrid*2", geo(2 * b), 2 * b * 20, lr),
     ]
 
 

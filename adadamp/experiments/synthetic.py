@@ -45,8 +45,11 @@ import numpy as np
 import torch
 
 from ..dampers import AdaDamp, BaseDamper, Constant, GradientDescent, PadaDamp, TrainState
-from .train import torch_threads
+from .results import SyntheticRun
+from .runtime import torch_threads
 
+# SyntheticRun lives in results.py (the plots read it too); it is listed here
+# as the type of SyntheticResult.runs.
 __all__ = [
     "METHODS",
     "LossRecorder",
@@ -110,29 +113,6 @@ class SyntheticConfig:
     def epochs_of(self, method: str) -> int:
         """Epochs to train ``method`` for."""
         return self.gd_epochs if method == "GD" else self.epochs
-
-
-@dataclass
-class SyntheticRun:
-    """One method's training curve.
-
-    ``curve`` maps ``"model_updates"``, ``"examples"`` and ``"train_loss"``
-    to arrays: the training loss after that many updates and examples.
-    """
-
-    name: str
-    curve: dict[str, np.ndarray]
-    model_updates: int
-    examples: int
-    seconds: float
-
-    def first_reach(self, threshold: float) -> tuple[int, int] | None:
-        """``(model updates, examples)`` when the loss first fell to ``threshold``, or None."""
-        hits = np.flatnonzero(self.curve["train_loss"] <= threshold)
-        if hits.size == 0:
-            return None
-        i = int(hits[0])
-        return int(self.curve["model_updates"][i]), int(self.curve["examples"][i])
 
 
 @dataclass

@@ -4,7 +4,8 @@ The run is either a recorded history (``--history``: a JSON list of update
 records, or a CSV with a ``batch_size`` column) or a ``GeoDamp`` schedule
 (``--initial``, ``--factor``, ``--delay``, ``--epochs``, ``--n-examples``,
 ``--max-batch-size``). ``--paper`` prints the reproduction of the paper's
-tables instead. The model itself is :mod:`adadamp.simulate`.
+tables instead. The model itself is :mod:`adadamp.simulate.model`, the
+tables :mod:`adadamp.simulate.paper`.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from . import simulate as sim
-from .dampers import GeoDamp
+from ..dampers import GeoDamp
+from . import model as sim
+from .paper import format_paper_table, paper_table
 
 # Schedule options default to None so that mixing them with --history is detectable.
 _SCHEDULE_DEFAULTS = {
@@ -149,10 +151,10 @@ def _run_description(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, 
     # Integral floats become ints so that the damper prints as typed (delay=60, not 60.0).
     delay, factor = (int(v) if float(v).is_integer() else v for v in (opts["delay"], opts["factor"]))
     damper = GeoDamp(initial=opts["initial"], delay=delay, factor=factor)
-    schedule = sim.Schedule(damper, opts["n_examples"], opts["epochs"], args.max_batch_size)
+    planned = sim.PlannedRun(damper, opts["n_examples"], opts["epochs"], args.max_batch_size)
     cap = "no max batch size" if args.max_batch_size is None else f"max batch size {args.max_batch_size:,}"
     text = f"{damper!r}, {opts['epochs']} epochs of {opts['n_examples']:,} examples, {cap}"
-    return schedule, None, text
+    return planned, None, text
 
 
 def format_result(result: sim.SimResult, label: str, run_text: str) -> str:
@@ -195,8 +197,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``adadamp simulate``; 0 on success, 2 on bad input."""
     try:
         if args.paper:
-            table = sim.paper_table(seconds_per_example=args.seconds_per_example, n_params=args.n_params)
-            print(sim.format_paper_table(table))
+            table = paper_table(seconds_per_example=args.seconds_per_example, n_params=args.n_params)
+            print(format_paper_table(table))
             return 0
         label, network, arch = _preset(args)
         updates, workers, run_text = _run_description(args)
