@@ -1,4 +1,5 @@
 """Train PyTorch models faster on Dask by growing the batch size and the workers with it."""
+
 from .dampers import (
     AdaDamp,
     CntsDampLR,

@@ -1,4 +1,5 @@
 """The estimators' ``batch_size`` parameter, and the ``batch_size__*`` routed to it, as a damper."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,7 @@ from ._checks import is_int
 from .dampers import BaseDamper, Constant
 
 _ACCEPTED = (
-    "an int >= 1, a damper class (e.g. GeoDamp) or a damper instance "
-    "(e.g. GeoDamp(delay=60))"
+    "an int >= 1, a damper class (e.g. GeoDamp) or a damper instance (e.g. GeoDamp(delay=60))"
 )
 
 
@@ -64,9 +64,7 @@ def resolve_damper(batch_size: Any, params: dict[str, Any] | None = None) -> Bas
         damper: BaseDamper = Constant(int(batch_size))
     elif isinstance(batch_size, type) and issubclass(batch_size, BaseDamper):
         if batch_size is BaseDamper:
-            raise TypeError(
-                f"batch_size must be {_ACCEPTED}; BaseDamper itself has no policy."
-            )
+            raise TypeError(f"batch_size must be {_ACCEPTED}; BaseDamper itself has no policy.")
         _check_param_keys(batch_size, params)
         damper = batch_size(**params)
     elif isinstance(batch_size, BaseDamper):

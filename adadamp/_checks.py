@@ -3,6 +3,7 @@
 Each message names the owner and the parameter, because the message is what
 a user of ``batch_size__<name>=...`` or of an estimator parameter sees.
 """
+
 from __future__ import annotations
 
 import math

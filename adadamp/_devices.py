@@ -1,4 +1,5 @@
 """Check the estimators' ``device`` parameter against what this machine has."""
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,9 @@ def check_device(device) -> torch.device | None:
     if dev.type == "cuda":
         count = _cuda_count()
         if count == 0:
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            build = (
+                "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            )
             raise ValueError(
                 f"device={device!r}, but this machine has no CUDA device visible to PyTorch "
                 f"{torch.__version__} ({build}); pass device='cpu'."
@@ -58,7 +61,9 @@ def check_device(device) -> torch.device | None:
                 f"cuda:0 to cuda:{count - 1}."
             )
     elif dev.type == "mps" and not _mps_available():
-        raise ValueError(f"device={device!r}, but MPS is not available on this machine; pass device='cpu'.")
+        raise ValueError(
+            f"device={device!r}, but MPS is not available on this machine; pass device='cpu'."
+        )
     return dev
 
 

@@ -1,4 +1,5 @@
 """Turning a skorch training dataset into two tensors, once per fit."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Checks on user input, run before any training or cluster work starts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,10 +64,10 @@ def check_training_data(X, y) -> None:
 
 def check_estimator_params(est) -> None:
     """Check the estimator's own parameters (the dampers check theirs)."""
-    if est.max_batch_size is not None and (not is_int(est.max_batch_size) or est.max_batch_size < 1):
-        raise ValueError(
-            f"max_batch_size must be None or an int >= 1, got {est.max_batch_size!r}."
-        )
+    if est.max_batch_size is not None and (
+        not is_int(est.max_batch_size) or est.max_batch_size < 1
+    ):
+        raise ValueError(f"max_batch_size must be None or an int >= 1, got {est.max_batch_size!r}.")
     for name in ("grads_per_worker", "min_workers"):
         value = getattr(est, name)
         if not is_int(value) or value < 1:

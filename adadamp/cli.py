@@ -4,6 +4,7 @@ Each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
 used so that ``adadamp --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,22 @@ from .exceptions import MissingExtraError
 
 #: The top-level help text; the docstring above is reStructuredText, this is
 #: what a terminal shows.
-DESCRIPTION = "Grow the batch size while training: run the experiments, or simulate a run's wall-clock time."
+DESCRIPTION = (
+    "Grow the batch size while training: run the experiments, or simulate a run's wall-clock time."
+)
 
 EPILOG = 'train and compare need the experiments extra: pip install "adadamp[experiments]"'
 
 #: Subcommand -> (module, help text). Help texts are plain text.
 SUBCOMMANDS = {
-    "train": ("adadamp.experiments.train", "train one model on an embedded default and print the per-epoch table"),
-    "compare": ("adadamp.experiments.compare", "train one model under the Smith et al. schedules and plot them"),
+    "train": (
+        "adadamp.experiments.train",
+        "train one model on an embedded default and print the per-epoch table",
+    ),
+    "compare": (
+        "adadamp.experiments.compare",
+        "train one model under the Smith et al. schedules and plot them",
+    ),
     "simulate": ("adadamp.simulate.cli", "estimate the wall-clock time of a run under a network"),
 }
 

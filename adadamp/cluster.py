@@ -6,6 +6,7 @@ local cluster for the duration of the fit), a scheduler address string, or a
 cluster work starts; :func:`cluster_client` turns it into a client and owns
 whatever it had to start, so that nothing it started outlives the fit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,12 +74,14 @@ def _check_address(address: str) -> None:
     slip = re.match(rf"({'|'.join(_KNOWN_SCHEMES)})(:/|//)(?!/)", address)
     if "://" not in address and slip:
         # "tcp//host:port", "tcp:/host:port": a scheme with its separator mistyped.
-        fixed = f"{slip.group(1)}://{address[slip.end():]}"
+        fixed = f"{slip.group(1)}://{address[slip.end() :]}"
         raise ValueError(f"{hint} (did you mean {fixed!r}?)")
     if "://" in address:
         scheme, location = address.split("://", 1)
         if scheme not in _KNOWN_SCHEMES:
-            raise ValueError(f"{hint} (unknown scheme {scheme!r}; known: {', '.join(_KNOWN_SCHEMES)})")
+            raise ValueError(
+                f"{hint} (unknown scheme {scheme!r}; known: {', '.join(_KNOWN_SCHEMES)})"
+            )
         if not location:
             raise ValueError(hint)
         if scheme == "inproc":

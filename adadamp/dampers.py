@@ -13,6 +13,7 @@ Dampers that decay the learning rate instead of growing the batch
 then turns every requested growth by ``r`` into a learning rate divided by
 ``r``. One rule serves both families.
 """
+
 from __future__ import annotations
 
 import copy
@@ -468,7 +469,14 @@ class RadaDamp(BaseDamper):
 DAMPERS: dict[str, type[BaseDamper]] = {
     cls.__name__: cls
     for cls in (
-        Constant, GeoDamp, GeoDampLR, PadaDamp, CntsDampLR, GradientDescent, AdaDamp, RadaDamp
+        Constant,
+        GeoDamp,
+        GeoDampLR,
+        PadaDamp,
+        CntsDampLR,
+        GradientDescent,
+        AdaDamp,
+        RadaDamp,
     )
 }
 """Every damper shipped with adadamp, by class name."""

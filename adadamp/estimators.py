@@ -7,6 +7,7 @@ and ``save_params``/``load_params``. What they add is the batch size: an
 requested batch size drives every model update, and an engine (``backend``)
 that computes those updates in this process or on a Dask cluster.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,10 +20,10 @@ from skorch.callbacks import EpochScoring, PrintLog
 from skorch.utils import to_tensor
 from tqdm.auto import tqdm
 
+from ._batch_size_param import resolve_damper
 from ._devices import check_device
 from ._tensors import dataset_to_tensors, match_dtype
 from ._validation import check_estimator_params, check_training_data
-from ._batch_size_param import resolve_damper
 from .dampers import BaseDamper
 from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
 from .examples import TensorExamples
@@ -32,8 +33,7 @@ from .state import TrainState
 PREDICT_BATCH_SIZE = 1024
 
 # Losses that compare predictions and targets element by element (and broadcast).
-_ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss,
-                       torch.nn.HuberLoss)
+_ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss)
 
 # Per-update records kept in ``history_[epoch]["batches"]``.
 UPDATE_KEYS = ("damping", "lr", "workers", "duration")
@@ -49,8 +49,18 @@ class _DampedNetMixin:
 
     prefixes_ = NeuralNet.prefixes_ + ["batch_size"]
 
-    def _init_damped_params(self, *, max_batch_size, grads_per_worker, min_workers, max_workers,
-                            worker_max_batch_size, backend, client, random_state):
+    def _init_damped_params(
+        self,
+        *,
+        max_batch_size,
+        grads_per_worker,
+        min_workers,
+        max_workers,
+        worker_max_batch_size,
+        backend,
+        client,
+        random_state,
+    ):
         self.max_batch_size = max_batch_size
         self.grads_per_worker = grads_per_worker
         self.min_workers = min_workers
@@ -65,7 +75,8 @@ class _DampedNetMixin:
         # The resume snapshot is a dict: keep it out of the printed table.
         return [
             (name, PrintLog(keys_ignored=["train_state", "epochs", "examples"]))
-            if name == "print_log" else (name, cb)
+            if name == "print_log"
+            else (name, cb)
             for name, cb in super()._default_callbacks
         ]
 
@@ -77,7 +88,8 @@ class _DampedNetMixin:
         # rebuilt from them when training next starts (the counters are kept,
         # so ``partial_fit`` continues the epochs under the new damper).
         damper_params = {
-            key: value for key, value in kwargs.items()
+            key: value
+            for key, value in kwargs.items()
             if key == "batch_size" or key.startswith("batch_size__")
         }
         for key, value in damper_params.items():
@@ -161,7 +173,8 @@ class _DampedNetMixin:
             self.seed_ = snapshot["seed"]
         else:
             self.seed_ = (
-                int(self.random_state) if self.random_state is not None
+                int(self.random_state)
+                if self.random_state is not None
                 else int(np.random.default_rng().integers(2**31 - 1))
             )
         self.train_state_ = state
@@ -188,14 +201,20 @@ class _DampedNetMixin:
         """
         initial = getattr(damper, "initial", None)
         fresh = self.train_state_ is None or self.train_state_.model_updates == 0
-        if fresh and self.max_batch_size is not None and initial is not None \
-                and initial > self.max_batch_size:
+        if (
+            fresh
+            and self.max_batch_size is not None
+            and initial is not None
+            and initial > self.max_batch_size
+        ):
             warnings.warn(
                 f"max_batch_size={self.max_batch_size} is below the initial batch size "
                 f"{initial} of {type(damper).__name__}: every update uses at most "
                 f"{self.max_batch_size} examples and the learning rate is divided by "
                 f"{initial / self.max_batch_size:.3g} from the first update on.",
-                UserWarning, stacklevel=4)
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -258,15 +277,26 @@ class _DampedNetMixin:
         engine = resolve_engine(self.backend, self.client)
         self.fit_id_: str | None = None
         try:
-            engine.start(self._train_config(), self.module_, self.optimizer_, self.criterion_,
-                         TensorExamples(X_train, y_train), self.client)
+            engine.start(
+                self._train_config(),
+                self.module_,
+                self.optimizer_,
+                self.criterion_,
+                TensorExamples(X_train, y_train),
+                self.client,
+            )
             # The Dask engines name each fit; the workers file its module and data under it.
             self.fit_id_ = engine.fit_id
             for _ in range(epochs):
                 self.notify("on_epoch_begin", **on_epoch_kwargs)
                 self._train_one_epoch(engine, damper, state)
-                self.run_single_epoch(iterator_valid, training=False, prefix="valid",
-                                      step_fn=self.validation_step, **forward_params)
+                self.run_single_epoch(
+                    iterator_valid,
+                    training=False,
+                    prefix="valid",
+                    step_fn=self.validation_step,
+                    **forward_params,
+                )
                 self.notify("on_epoch_end", **on_epoch_kwargs)
         finally:
             engine.close()
@@ -278,9 +308,14 @@ class _DampedNetMixin:
         epoch_index = round(state.epochs)
         # A bar redrawn with carriage returns only reads well on a terminal;
         # in a file or pipe, skorch's per-epoch lines are the progress report.
-        bar = tqdm(total=state.n_examples, desc=f"epoch {len(history)}", unit="ex",
-                   leave=False, file=sys.stderr,
-                   disable=not self.verbose or not sys.stderr.isatty())
+        bar = tqdm(
+            total=state.n_examples,
+            desc=f"epoch {len(history)}",
+            unit="ex",
+            leave=False,
+            file=sys.stderr,
+            disable=not self.verbose or not sys.stderr.isatty(),
+        )
 
         def on_update(record: UpdateRecord) -> None:
             history.new_batch()
@@ -301,12 +336,15 @@ class _DampedNetMixin:
         history.record("model_updates", state.model_updates)
         history.record("examples", state.examples_seen)
         history.record("epochs", state.epochs)
-        history.record("train_state", {
-            **state.state_dict(),
-            "seed": self.seed_,
-            "damper": damper.state_dict(),
-            "damper_class": type(damper).__name__,
-        })
+        history.record(
+            "train_state",
+            {
+                **state.state_dict(),
+                "seed": self.seed_,
+                "damper": damper.state_dict(),
+                "damper_class": type(damper).__name__,
+            },
+        )
 
     # ------------------------------------------------------------ prediction
     def get_iterator(self, dataset, training=False):
@@ -361,39 +399,86 @@ _DAMPED_DOC = """
 
 
 class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
-    __doc__ = ("Classifier over a PyTorch module that outputs logits (cross-entropy loss).\n"
-               + _DAMPED_DOC + "\n    Other parameters are skorch's ``NeuralNetClassifier``'s.\n")
+    __doc__ = (
+        "Classifier over a PyTorch module that outputs logits (cross-entropy loss).\n"
+        + _DAMPED_DOC
+        + "\n    Other parameters are skorch's ``NeuralNetClassifier``'s.\n"
+    )
 
-    def __init__(self, module, *args, criterion=torch.nn.CrossEntropyLoss, batch_size=32,
-                 max_batch_size=None, grads_per_worker=32, min_workers=1, max_workers=None,
-                 worker_max_batch_size=None, backend="auto", client=None, random_state=None,
-                 **kwargs):
+    def __init__(
+        self,
+        module,
+        *args,
+        criterion=torch.nn.CrossEntropyLoss,
+        batch_size=32,
+        max_batch_size=None,
+        grads_per_worker=32,
+        min_workers=1,
+        max_workers=None,
+        worker_max_batch_size=None,
+        backend="auto",
+        client=None,
+        random_state=None,
+        **kwargs,
+    ):
         super().__init__(module, *args, criterion=criterion, batch_size=batch_size, **kwargs)
         self._init_damped_params(
-            max_batch_size=max_batch_size, grads_per_worker=grads_per_worker,
-            min_workers=min_workers, max_workers=max_workers,
-            worker_max_batch_size=worker_max_batch_size, backend=backend, client=client,
-            random_state=random_state)
+            max_batch_size=max_batch_size,
+            grads_per_worker=grads_per_worker,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            worker_max_batch_size=worker_max_batch_size,
+            backend=backend,
+            client=client,
+            random_state=random_state,
+        )
 
     def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
         return y.long()
 
 
 class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
-    __doc__ = ("Regressor over a PyTorch module (mean squared error, no validation split).\n"
-               + _DAMPED_DOC + "\n    Other parameters are skorch's ``NeuralNetRegressor``'s.\n")
+    __doc__ = (
+        "Regressor over a PyTorch module (mean squared error, no validation split).\n"
+        + _DAMPED_DOC
+        + "\n    Other parameters are skorch's ``NeuralNetRegressor``'s.\n"
+    )
 
-    def __init__(self, module, *args, criterion=torch.nn.MSELoss, train_split=None, batch_size=32,
-                 max_batch_size=None, grads_per_worker=32, min_workers=1, max_workers=None,
-                 worker_max_batch_size=None, backend="auto", client=None, random_state=None,
-                 **kwargs):
-        super().__init__(module, *args, criterion=criterion, train_split=train_split,
-                         batch_size=batch_size, **kwargs)
+    def __init__(
+        self,
+        module,
+        *args,
+        criterion=torch.nn.MSELoss,
+        train_split=None,
+        batch_size=32,
+        max_batch_size=None,
+        grads_per_worker=32,
+        min_workers=1,
+        max_workers=None,
+        worker_max_batch_size=None,
+        backend="auto",
+        client=None,
+        random_state=None,
+        **kwargs,
+    ):
+        super().__init__(
+            module,
+            *args,
+            criterion=criterion,
+            train_split=train_split,
+            batch_size=batch_size,
+            **kwargs,
+        )
         self._init_damped_params(
-            max_batch_size=max_batch_size, grads_per_worker=grads_per_worker,
-            min_workers=min_workers, max_workers=max_workers,
-            worker_max_batch_size=worker_max_batch_size, backend=backend, client=client,
-            random_state=random_state)
+            max_batch_size=max_batch_size,
+            grads_per_worker=grads_per_worker,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            worker_max_batch_size=worker_max_batch_size,
+            backend=backend,
+            client=client,
+            random_state=random_state,
+        )
 
     def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
         return match_dtype(y, self.module_)
@@ -412,7 +497,11 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
         finally:
             module.train(was_training)
         if isinstance(out, torch.Tensor) and out.shape[1:] != y.shape[1:]:
-            hint = ": reshape it with y.reshape(-1, 1)" if y.dim() == 1 and out.shape[1:] == (1,) else ""
+            hint = (
+                ": reshape it with y.reshape(-1, 1)"
+                if y.dim() == 1 and out.shape[1:] == (1,)
+                else ""
+            )
             raise ValueError(
                 f"y has shape {tuple(y.shape)}, but the module outputs shape "
                 f"{tuple(out.shape[1:])} per example, so y must have shape "

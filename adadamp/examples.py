@@ -4,6 +4,7 @@ Every engine and every loss pass reads the training set through this one
 interface, so a new way of holding data (a dataset read on the worker, say)
 is one new class here and no change in the engines.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable

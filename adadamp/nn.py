@@ -5,6 +5,7 @@
 statistics that batch normalization uses stay those of a small, fixed number
 of examples, so growing the batch size does not change what the layer does.
 """
+
 from __future__ import annotations
 
 import math
@@ -160,8 +161,14 @@ class GhostBatchNorm(nn.Module):
             )
         if not self.training:
             return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                training=False, momentum=0.0, eps=self.eps,
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                momentum=0.0,
+                eps=self.eps,
             )
 
         outputs = []
@@ -180,8 +187,14 @@ class GhostBatchNorm(nn.Module):
             # chunk alone.
             outputs.append(
                 F.batch_norm(
-                    chunk, self.running_mean, self.running_var, self.weight, self.bias,
-                    training=True, momentum=factor, eps=self.eps,
+                    chunk,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    training=True,
+                    momentum=factor,
+                    eps=self.eps,
                 )
             )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

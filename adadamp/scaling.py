@@ -1,4 +1,5 @@
 """How many workers a batch size calls for, and making a cluster have them."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ training set, consumed in order, ``batch_size`` examples per update, the last
 update of the epoch taking what is left. Keeping that walk here is what lets
 the engines agree update for update.
 """
+
 from __future__ import annotations
 
 import math

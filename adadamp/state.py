@@ -1,4 +1,5 @@
 """The training state a damper reads: counters and the last update's statistics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

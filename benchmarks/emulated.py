@@ -29,6 +29,7 @@ Run from the repository root::
 
 and it writes ``benchmarks/results/emulated.json`` (``--output`` to change).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,12 @@ class EmulatedModule(nn.Module):
         and the optimizer step depends on it).
     """
 
-    def __init__(self, n_params: int = WRN_16_4_PARAMS,
-                 seconds_per_example: float = T4_SECONDS_PER_EXAMPLE, n_tensors: int = 16):
+    def __init__(
+        self,
+        n_params: int = WRN_16_4_PARAMS,
+        seconds_per_example: float = T4_SECONDS_PER_EXAMPLE,
+        n_tensors: int = 16,
+    ):
         super().__init__()
         sizes = np.full(n_tensors, n_params // n_tensors)
         sizes[: n_params % n_tensors] += 1
@@ -99,6 +104,7 @@ class EmulatedModule(nn.Module):
 def _log_forward(began: float, cpu: float, slept: float, n: int) -> None:
     try:
         from distributed import get_worker
+
         worker = get_worker()
     except (ImportError, ValueError):
         return  # on the client (the estimator's shape check): nothing to log
@@ -167,8 +173,10 @@ def _allreduce_task(port: int, rank: int, world: int, n_floats: int, reps: int) 
 
 
 def _pinned(client, workers, fn, *args_per_rank):
-    futures = [client.submit(fn, *args, workers=[w], allow_other_workers=False, pure=False)
-               for w, args in zip(workers, args_per_rank)]
+    futures = [
+        client.submit(fn, *args, workers=[w], allow_other_workers=False, pure=False)
+        for w, args in zip(workers, args_per_rank)
+    ]
     return client.gather(futures)
 
 
@@ -187,17 +195,22 @@ def measure_network(client, n_bytes: int, reps: int) -> dict:
     workers = available_workers(client)[:2]
     port = _free_port()
     n_floats = max(1, n_bytes // 4)
-    res = _pinned(client, workers, _ping_task,
-                  *[(port, r, [1, n_floats], reps) for r in range(2)])[0]
+    res = _pinned(client, workers, _ping_task, *[(port, r, [1, n_floats], reps) for r in range(2)])[
+        0
+    ]
     small, large = min(res[1]) / 2, min(res[n_floats]) / 2
-    return {"method": "gloo send/recv ping-pong between 2 worker processes, fastest of "
-                      f"{reps} round trips; latency = RTT(4 B)/2, "
-                      "bandwidth = 8 M / (RTT(M)/2 - latency)",
-            "message_bytes": n_floats * 4,
-            "rtt_small_min_s": 2 * small, "rtt_large_min_s": 2 * large,
-            "rtt_small_median_s": statistics.median(res[1]),
-            "rtt_large_median_s": statistics.median(res[n_floats]),
-            "latency_s": small, "bandwidth_bps": 8 * n_floats * 4 / max(large - small, 1e-9)}
+    return {
+        "method": "gloo send/recv ping-pong between 2 worker processes, fastest of "
+        f"{reps} round trips; latency = RTT(4 B)/2, "
+        "bandwidth = 8 M / (RTT(M)/2 - latency)",
+        "message_bytes": n_floats * 4,
+        "rtt_small_min_s": 2 * small,
+        "rtt_large_min_s": 2 * large,
+        "rtt_small_median_s": statistics.median(res[1]),
+        "rtt_large_median_s": statistics.median(res[n_floats]),
+        "latency_s": small,
+        "bandwidth_bps": 8 * n_floats * 4 / max(large - small, 1e-9),
+    }
 
 
 def measure_allreduce(client, workers, n_floats: int, reps: int) -> dict:
@@ -205,8 +218,9 @@ def measure_allreduce(client, workers, n_floats: int, reps: int) -> dict:
         return {"median_s": 0.0, "reps": 0}
     port = _free_port()
     world = len(workers)
-    per_rank = _pinned(client, workers, _allreduce_task,
-                       *[(port, r, world, n_floats, reps) for r in range(world)])
+    per_rank = _pinned(
+        client, workers, _allreduce_task, *[(port, r, world, n_floats, reps) for r in range(world)]
+    )
     slowest = np.max(np.array(per_rank), axis=0)  # a rep lasts until its last rank is done
     return {"median_s": float(np.median(slowest)), "reps": reps}
 
@@ -241,8 +255,12 @@ def measure_local_work(n_params: int, threads: int, reps: int = 20) -> dict:
             if i >= 2:
                 walls.append(time.perf_counter() - began)
                 cpus.append(time.process_time() - cpu)
-        return {"threads": threads, "wall_median_s": statistics.median(walls),
-                "wall_max_s": max(walls), "cpu_median_s": statistics.median(cpus)}
+        return {
+            "threads": threads,
+            "wall_median_s": statistics.median(walls),
+            "wall_max_s": max(walls),
+            "cpu_median_s": statistics.median(cpus),
+        }
     finally:
         torch.set_num_threads(before)
 
@@ -282,10 +300,16 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": cores, "memory_bytes": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "distributed": distributed.__version__,
-            "load_average_at_start": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "memory_bytes": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "distributed": distributed.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
 
 
 # --------------------------------------------------------------------------- one P
@@ -301,7 +325,7 @@ def forward_stats(logs: dict, updates_per_epoch: int, warmup: int) -> dict:
         log = sorted(log)
         rates = []
         for start in range(0, len(log), updates_per_epoch):
-            seg = log[start:start + updates_per_epoch][warmup:]
+            seg = log[start : start + updates_per_epoch][warmup:]
             if len(seg) < 2:
                 continue
             d_wall, d_cpu = seg[-1][0] - seg[0][0], seg[-1][1] - seg[0][1]
@@ -310,9 +334,11 @@ def forward_stats(logs: dict, updates_per_epoch: int, warmup: int) -> dict:
             slept += [s for (_, _, s, _) in seg]
         if rates:
             rank_cores.append(float(np.mean(rates)))
-    return {"cpu_s_per_update_per_rank": float(np.median(cpu_per_update)) if cpu_per_update else None,
-            "rank_cores_busy": float(np.sum(rank_cores)),
-            "sleep_actual_s": float(np.median(slept)) if slept else None}
+    return {
+        "cpu_s_per_update_per_rank": float(np.median(cpu_per_update)) if cpu_per_update else None,
+        "rank_cores_busy": float(np.sum(rank_cores)),
+        "sleep_actual_s": float(np.median(slept)) if slept else None,
+    }
 
 
 def scale(client, cluster, p: int) -> list[str]:
@@ -336,11 +362,21 @@ def run_one(client, workers: list[str], n_params: int, args) -> dict:
     batch = args.grads_per_worker * p
     n = batch * args.updates_per_epoch
     net = DaskRegressor(
-        EmulatedModule, module__n_params=n_params,
+        EmulatedModule,
+        module__n_params=n_params,
         module__seconds_per_example=args.seconds_per_example,
-        optimizer=torch.optim.SGD, lr=1e-3, batch_size=batch, max_epochs=args.epochs,
-        grads_per_worker=args.grads_per_worker, min_workers=p, max_workers=p,
-        backend="decentralized", client=client, random_state=0, verbose=0)
+        optimizer=torch.optim.SGD,
+        lr=1e-3,
+        batch_size=batch,
+        max_epochs=args.epochs,
+        grads_per_worker=args.grads_per_worker,
+        min_workers=p,
+        max_workers=p,
+        backend="decentralized",
+        client=client,
+        random_state=0,
+        verbose=0,
+    )
     client.run(_take_log)
     # What the machine does without this fit (other work, idle Dask processes).
     busy0, total0 = _cpu_times()
@@ -359,13 +395,15 @@ def run_one(client, workers: list[str], n_params: int, args) -> dict:
     for epoch in net.history_:
         batches = epoch["batches"]
         workers_seen.update(b["workers"] for b in batches)
-        durations += [b["duration"] for b in batches[args.warmup:]]
+        durations += [b["duration"] for b in batches[args.warmup :]]
     if workers_seen != {p}:
         raise RuntimeError(f"P={p}: updates ran on {sorted(workers_seen)} workers")
     stats = forward_stats(logs, args.updates_per_epoch, args.warmup)
     machine_busy = (busy1 - busy0) / (total1 - total0) * cores if total1 > total0 else None
     return {
-        "n_params": n_params, "workers": p, "batch_size": batch,
+        "n_params": n_params,
+        "workers": p,
+        "batch_size": batch,
         "measured_median_s": float(np.median(durations)),
         "measured_mean_s": float(np.mean(durations)),
         "measured_p10_s": float(np.percentile(durations, 10)),
@@ -385,33 +423,58 @@ def run_one(client, workers: list[str], n_params: int, args) -> dict:
 
 
 def add_simulation(row: dict, network: Network, args) -> None:
-    sim = update_time(row["batch_size"], row["workers"], network=network,
-                      architecture=Decentralized(), seconds_per_example=args.seconds_per_example,
-                      n_params=row["n_params"])
-    row.update(compute_s=sim.compute_s, simulated_s=sim.total_s,
-               simulated_communication_s=sim.communication_s,
-               simulated_vs_measured=sim.total_s / row["measured_median_s"])
+    sim = update_time(
+        row["batch_size"],
+        row["workers"],
+        network=network,
+        architecture=Decentralized(),
+        seconds_per_example=args.seconds_per_example,
+        n_params=row["n_params"],
+    )
+    row.update(
+        compute_s=sim.compute_s,
+        simulated_s=sim.total_s,
+        simulated_communication_s=sim.communication_s,
+        simulated_vs_measured=sim.total_s / row["measured_median_s"],
+    )
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="P = 1, 2, 4, the Wide-ResNet size only, fewer updates (about 1 min)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="P = 1, 2, 4, the Wide-ResNet size only, fewer updates (about 1 min)",
+    )
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts (default 1 2 4 8 16)")
-    parser.add_argument("--n-params", type=int, nargs="+",
-                        help="parameters of the emulated model, one run per value (default: "
-                             f"{WRN_16_4_PARAMS} as a Wide-ResNet-16-4, and a tenth of it; "
-                             "quick: the first only); the first is the headline")
-    parser.add_argument("--seconds-per-example", type=float, default=T4_SECONDS_PER_EXAMPLE,
-                        help="sleep per example (default: the paper's T4, 78.32 ms / 128)")
+    parser.add_argument(
+        "--n-params",
+        type=int,
+        nargs="+",
+        help="parameters of the emulated model, one run per value (default: "
+        f"{WRN_16_4_PARAMS} as a Wide-ResNet-16-4, and a tenth of it; "
+        "quick: the first only); the first is the headline",
+    )
+    parser.add_argument(
+        "--seconds-per-example",
+        type=float,
+        default=T4_SECONDS_PER_EXAMPLE,
+        help="sleep per example (default: the paper's T4, 78.32 ms / 128)",
+    )
     parser.add_argument("--grads-per-worker", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1, help="epochs per P")
-    parser.add_argument("--updates-per-epoch", type=int,
-                        help="updates per epoch (default 30, quick 10)")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="updates skipped at the start of every epoch (a new process group)")
+    parser.add_argument(
+        "--updates-per-epoch", type=int, help="updates per epoch (default 30, quick 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="updates skipped at the start of every epoch (a new process group)",
+    )
     parser.add_argument("--allreduce-reps", type=int, default=5)
     parser.add_argument("--ping-reps", type=int, default=30)
     parser.add_argument("--memory-limit", default="1GiB", help="per Dask worker")
@@ -419,8 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workers = args.workers or ([1, 2, 4] if args.quick else [1, 2, 4, 8, 16])
     args.updates_per_epoch = args.updates_per_epoch or (10 if args.quick else 30)
-    args.n_params = args.n_params or ([WRN_16_4_PARAMS] if args.quick
-                                      else [WRN_16_4_PARAMS, WRN_16_4_PARAMS // 10])
+    args.n_params = args.n_params or (
+        [WRN_16_4_PARAMS] if args.quick else [WRN_16_4_PARAMS, WRN_16_4_PARAMS // 10]
+    )
     if args.warmup >= args.updates_per_epoch - 1:
         parser.error("--warmup must leave at least 2 updates per epoch")
     return args
@@ -438,10 +502,16 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     machine = machine_info()
     # One cluster, grown: P ascending, so scaling only ever starts workers.
-    cluster = LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
-                           memory_limit=args.memory_limit, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=logging.ERROR,
-                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
+    cluster = LocalCluster(
+        n_workers=1,
+        processes=True,
+        threads_per_worker=1,
+        memory_limit=args.memory_limit,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    )
     client = Client(cluster)
     net_info, rows = None, []
     try:
@@ -455,14 +525,16 @@ def main(argv=None) -> dict:
                 row = run_one(client, workers, n_params, args)
                 row["seconds"]["scale"] = scale_s
                 rows.append(row)
-                print(f"n_params={n_params:>9,} P={p:2d} measured {row['measured_median_s'] * 1e3:7.1f} ms  "
-                      f"bare all-reduce {row['bare_allreduce_median_s'] * 1e3:6.1f} ms  "
-                      f"CPU/update/rank {row['cpu_s_per_update_per_rank'] * 1e3:6.1f} ms  "
-                      f"cores busy: ranks {row['rank_cores_busy']:.2f}, machine "
-                      f"{row['machine_cores_busy']:.2f}, before the fit "
-                      f"{row['background_cores_busy_before_fit']:.2f}  "
-                      f"({time.perf_counter() - started:.0f} s)",
-                      flush=True)
+                print(
+                    f"n_params={n_params:>9,} P={p:2d} measured {row['measured_median_s'] * 1e3:7.1f} ms  "
+                    f"bare all-reduce {row['bare_allreduce_median_s'] * 1e3:6.1f} ms  "
+                    f"CPU/update/rank {row['cpu_s_per_update_per_rank'] * 1e3:6.1f} ms  "
+                    f"cores busy: ranks {row['rank_cores_busy']:.2f}, machine "
+                    f"{row['machine_cores_busy']:.2f}, before the fit "
+                    f"{row['background_cores_busy_before_fit']:.2f}  "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
         if net_info is None:
             net_info = measure_network(client, args.n_params[0] * 4, reps=args.ping_reps)
     finally:
@@ -471,8 +543,9 @@ def main(argv=None) -> dict:
     network = Network(net_info["bandwidth_bps"], net_info["latency_s"])
     print(f"loopback (measured): {network.describe()}")
     cores = machine["cores"]
-    local_work = {str(n): [measure_local_work(n, t) for t in sorted({1, cores})]
-                  for n in args.n_params}
+    local_work = {
+        str(n): [measure_local_work(n, t) for t in sorted({1, cores})] for n in args.n_params
+    }
     for row in rows:
         add_simulation(row, network, args)
 
@@ -489,13 +562,19 @@ def main(argv=None) -> dict:
                 ratios[f"update_time_{p}w_vs_1w{suffix}"] = row["vs_1w"]
             ratios[f"simulated_vs_measured_{p}w{suffix}"] = row["simulated_vs_measured"]
     result = {
-        "command": " ".join(["python benchmarks/emulated.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python benchmarks/emulated.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": machine,
-        "settings": {"n_params": args.n_params, "seconds_per_example": args.seconds_per_example,
-                     "grads_per_worker": args.grads_per_worker, "epochs": args.epochs,
-                     "updates_per_epoch": args.updates_per_epoch, "warmup_per_epoch": args.warmup,
-                     "memory_limit": args.memory_limit},
+        "settings": {
+            "n_params": args.n_params,
+            "seconds_per_example": args.seconds_per_example,
+            "grads_per_worker": args.grads_per_worker,
+            "epochs": args.epochs,
+            "updates_per_epoch": args.updates_per_epoch,
+            "warmup_per_epoch": args.warmup,
+            "memory_limit": args.memory_limit,
+        },
         "network": net_info,
         "local_update_work": local_work,
         "rows": rows,
@@ -511,17 +590,21 @@ def main(argv=None) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["  params   P      B  measured  simulated  sim/meas  P vs 1  bare all-reduce  "
-             "CPU/update/rank  P*CPU/cores",
-             "                         (ms)       (ms)                              (ms)  "
-             "           (ms)         (ms)"]
+    lines = [
+        "  params   P      B  measured  simulated  sim/meas  P vs 1  bare all-reduce  "
+        "CPU/update/rank  P*CPU/cores",
+        "                         (ms)       (ms)                              (ms)  "
+        "           (ms)         (ms)",
+    ]
     for r in rows:
         vs = f"{r['vs_1w']:.2f}" if r.get("vs_1w") else "-"
-        lines.append(f"{r['n_params']:8d} {r['workers']:3d} {r['batch_size']:6d} "
-                     f"{r['measured_median_s'] * 1e3:9.1f} {r['simulated_s'] * 1e3:10.1f} "
-                     f"{r['simulated_vs_measured']:9.2f} {vs:>7} "
-                     f"{r['bare_allreduce_median_s'] * 1e3:16.1f} "
-                     f"{r['cpu_s_per_update_per_rank'] * 1e3:16.1f} {r['cpu_floor_s'] * 1e3:12.1f}")
+        lines.append(
+            f"{r['n_params']:8d} {r['workers']:3d} {r['batch_size']:6d} "
+            f"{r['measured_median_s'] * 1e3:9.1f} {r['simulated_s'] * 1e3:10.1f} "
+            f"{r['simulated_vs_measured']:9.2f} {vs:>7} "
+            f"{r['bare_allreduce_median_s'] * 1e3:16.1f} "
+            f"{r['cpu_s_per_update_per_rank'] * 1e3:16.1f} {r['cpu_floor_s'] * 1e3:12.1f}"
+        )
     return "\n".join(lines)
 
 

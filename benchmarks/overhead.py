@@ -43,6 +43,7 @@ Run from the repository root::
 It prints the figures and writes ``benchmarks/results/overhead.json``
 (``--output`` to change).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,15 @@ SIZES = {"small": (256, 256), "large": (1536, 1536)}
 FULL = {"small": (60, 3), "large": (16, 3)}
 QUICK = {"small": (24, 2), "large": (5, 2)}
 
-ENGINES = ("plain", "local", "decentralized_1w", "centralized_1w",
-           "decentralized_2w", "centralized_2w", "ddp_2p")
+ENGINES = (
+    "plain",
+    "local",
+    "decentralized_1w",
+    "centralized_1w",
+    "decentralized_2w",
+    "centralized_2w",
+    "ddp_2p",
+)
 
 # Targets from the issue, reported, never asserted: ratio -> at most.
 TARGETS = {
@@ -98,8 +106,12 @@ TARGETS = {
 class MLP(nn.Module):
     """``n_features -> hidden... -> n_classes`` with ReLU between layers."""
 
-    def __init__(self, n_features: int = N_FEATURES, hidden: tuple[int, ...] = (256, 256),
-                 n_classes: int = N_CLASSES):
+    def __init__(
+        self,
+        n_features: int = N_FEATURES,
+        hidden: tuple[int, ...] = (256, 256),
+        n_classes: int = N_CLASSES,
+    ):
         super().__init__()
         layers, width = [], n_features
         for h in hidden:
@@ -131,8 +143,13 @@ def steady(per_epoch: list[list[float]]) -> list[float]:
 
 def _summary(per_epoch: list[list[float]], wall: float, faults: int, **extra) -> dict:
     updates = sum(map(len, per_epoch))
-    return {"steady": steady(per_epoch), "wall": wall, "updates": updates,
-            "faults": faults / updates, **extra}
+    return {
+        "steady": steady(per_epoch),
+        "wall": wall,
+        "updates": updates,
+        "faults": faults / updates,
+        **extra,
+    }
 
 
 def minor_faults() -> int:
@@ -156,8 +173,9 @@ def glibc_mallopt() -> None:
 
 
 # --------------------------------------------------------------- plain loops
-def _train_plain(module: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int,
-                 rank: int = 0, world: int = 1) -> list[list[float]]:
+def _train_plain(
+    module: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int, rank: int = 0, world: int = 1
+) -> list[list[float]]:
     """SGD over ``epochs`` permutations, ``BATCH_SIZE`` per update, this rank's share of each."""
     optimizer = torch.optim.SGD(module.parameters(), lr=LR)
     criterion = nn.CrossEntropyLoss()
@@ -170,7 +188,7 @@ def _train_plain(module: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: in
         for start in range(0, n, BATCH_SIZE):
             began = time.perf_counter()
             lo = start + rank * share
-            idx = order[lo:lo + share]
+            idx = order[lo : lo + share]
             optimizer.zero_grad(set_to_none=True)
             # With DDP each rank takes the mean over its share and DDP averages
             # the gradients over ranks: the mean over the global batch.
@@ -189,15 +207,20 @@ def run_plain(hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int) -
     began = time.perf_counter()
     torch.manual_seed(0)
     per_epoch = _train_plain(MLP(hidden=hidden), torch.from_numpy(X), torch.from_numpy(y), epochs)
-    return _summary(per_epoch, time.perf_counter() - began, minor_faults() - faults,
-                    threads=torch.get_num_threads())
+    return _summary(
+        per_epoch,
+        time.perf_counter() - began,
+        minor_faults() - faults,
+        threads=torch.get_num_threads(),
+    )
 
 
 def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: str) -> None:
     """One DDP rank: trains every job (name -> hidden, X, y, epochs) in turn."""
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     results = {}
     try:
         for name, (hidden, X, y, epochs) in jobs.items():
@@ -206,10 +229,15 @@ def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: s
             began = time.perf_counter()
             torch.manual_seed(0)
             module = nn.parallel.DistributedDataParallel(MLP(hidden=hidden))
-            per_epoch = _train_plain(module, torch.from_numpy(X), torch.from_numpy(y), epochs,
-                                     rank, world)
-            results[name] = {"per_epoch": per_epoch, "wall": time.perf_counter() - began,
-                             "faults": minor_faults() - faults, "threads": torch.get_num_threads()}
+            per_epoch = _train_plain(
+                module, torch.from_numpy(X), torch.from_numpy(y), epochs, rank, world
+            )
+            results[name] = {
+                "per_epoch": per_epoch,
+                "wall": time.perf_counter() - began,
+                "faults": minor_faults() - faults,
+                "threads": torch.get_num_threads(),
+            }
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -228,13 +256,23 @@ def run_ddp(jobs: dict, threads: int, world: int = 2) -> dict[str, dict]:
         out = os.path.join(tmp, "rank0.json")
         mp.spawn(_ddp_rank, args=(world, _free_port(), threads, jobs, out), nprocs=world, join=True)
         got = json.loads(Path(out).read_text())
-    return {name: _summary(r["per_epoch"], r["wall"], r["faults"], threads=r["threads"])
-            for name, r in got.items()}
+    return {
+        name: _summary(r["per_epoch"], r["wall"], r["faults"], threads=r["threads"])
+        for name, r in got.items()
+    }
 
 
 # --------------------------------------------------------------- estimators
-def run_estimator(hidden, X: np.ndarray, y: np.ndarray, epochs: int, backend: str,
-                  workers: int | None = None, client=None, threads: int | None = None) -> dict:
+def run_estimator(
+    hidden,
+    X: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    backend: str,
+    workers: int | None = None,
+    client=None,
+    threads: int | None = None,
+) -> dict:
     from adadamp import DaskClassifier
 
     kwargs = {}
@@ -243,9 +281,19 @@ def run_estimator(hidden, X: np.ndarray, y: np.ndarray, epochs: int, backend: st
     else:
         kwargs = {"client": client, "min_workers": workers, "max_workers": workers}
     est = DaskClassifier(
-        MLP, module__hidden=hidden, optimizer=torch.optim.SGD, lr=LR,
-        batch_size=BATCH_SIZE, max_epochs=epochs, train_split=None, verbose=0,
-        backend=backend, random_state=0, **kwargs)
+        MLP,
+        module__hidden=hidden,
+        optimizer=torch.optim.SGD,
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        max_epochs=epochs,
+        train_split=None,
+        verbose=0,
+        backend=backend,
+        random_state=0,
+        **kwargs,
+    )
+
     def faults() -> int:
         return minor_faults() if backend == "local" else sum(client.run(minor_faults).values())
 
@@ -259,11 +307,14 @@ def run_estimator(hidden, X: np.ndarray, y: np.ndarray, epochs: int, backend: st
     workers_seen = sorted({u["workers"] for epoch in batches for u in epoch})
     if backend != "local" and workers_seen != [workers]:
         raise RuntimeError(f"{backend} ran on {workers_seen} workers, not {workers}")
-    return _summary([[u["duration"] for u in epoch] for epoch in batches], wall,
-                    faults_after - faults_before)
+    return _summary(
+        [[u["duration"] for u in epoch] for epoch in batches], wall, faults_after - faults_before
+    )
 
 
-def scale_cluster(cluster, client, workers: int, mallopt: bool = False, timeout: float = 120) -> None:
+def scale_cluster(
+    cluster, client, workers: int, mallopt: bool = False, timeout: float = 120
+) -> None:
     """Give the cluster exactly ``workers`` workers, each with the engines imported, untimed."""
     from adadamp.scaling import available_workers
 
@@ -291,10 +342,20 @@ def source_version() -> str | None:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "adadamp"], cwd=root,
-                               check=True, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "adadamp"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -320,6 +381,7 @@ def _ms(seconds: float) -> float:
 def ratios_and_overheads(ms: dict[str, float]) -> tuple[dict, dict]:
     ratios, overhead = {}, {}
     for size in SIZES:
+
         def ratio(a: str, b: str) -> float:
             return round(ms[f"{a}_{size}"] / ms[f"{b}_{size}"], 4)
 
@@ -329,8 +391,12 @@ def ratios_and_overheads(ms: dict[str, float]) -> tuple[dict, dict]:
         ratios[f"decentralized_2w_vs_ddp_{size}"] = ratio("decentralized_2w", "ddp_2p")
         ratios[f"decentralized_1w_vs_plain_{size}"] = ratio("decentralized_1w", "plain")
         ratios[f"local_vs_plain_{size}"] = ratio("local", "plain")
-        ratios[f"centralized_1w_vs_decentralized_1w_{size}"] = ratio("centralized_1w", "decentralized_1w")
-        ratios[f"centralized_2w_vs_decentralized_2w_{size}"] = ratio("centralized_2w", "decentralized_2w")
+        ratios[f"centralized_1w_vs_decentralized_1w_{size}"] = ratio(
+            "centralized_1w", "decentralized_1w"
+        )
+        ratios[f"centralized_2w_vs_decentralized_2w_{size}"] = ratio(
+            "centralized_2w", "decentralized_2w"
+        )
         ratios[f"centralized_1w_vs_plain_{size}"] = ratio("centralized_1w", "plain")
         ratios[f"decentralized_2w_vs_1w_{size}"] = ratio("decentralized_2w", "decentralized_1w")
         ratios[f"ddp_vs_plain_{size}"] = ratio("ddp_2p", "plain")
@@ -343,42 +409,62 @@ def ratios_and_overheads(ms: dict[str, float]) -> tuple[dict, dict]:
 
 
 def table(ms: dict, p50: dict, wall: dict, faults: dict) -> str:
-    lines = ["ms per model update: steady-state mean and median of the per-update records, "
-             "whole fit / updates; minor page faults per update (process or Dask workers)",
-             f"{'':<18}" + "".join(f"{size:>10}{'':>30}" for size in SIZES),
-             f"{'engine':<18}" + "".join(f"{'mean':>10}{'p50':>10}{'wall':>10}{'faults':>10}"
-                                         for _ in SIZES)]
+    lines = [
+        "ms per model update: steady-state mean and median of the per-update records, "
+        "whole fit / updates; minor page faults per update (process or Dask workers)",
+        f"{'':<18}" + "".join(f"{size:>10}{'':>30}" for size in SIZES),
+        f"{'engine':<18}"
+        + "".join(f"{'mean':>10}{'p50':>10}{'wall':>10}{'faults':>10}" for _ in SIZES),
+    ]
     for engine in ENGINES:
-        lines.append(f"{engine:<18}" + "".join(
-            f"{ms[k]:>10.2f}{p50[k]:>10.2f}{wall[k]:>10.2f}{faults[k]:>10.0f}"
-            for k in (f"{engine}_{size}" for size in SIZES)))
+        lines.append(
+            f"{engine:<18}"
+            + "".join(
+                f"{ms[k]:>10.2f}{p50[k]:>10.2f}{wall[k]:>10.2f}{faults[k]:>10.0f}"
+                for k in (f"{engine}_{size}" for size in SIZES)
+            )
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer updates, one repeat (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats of every measurement (default 3; --quick 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer updates, one repeat (smoke run)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repeats of every measurement (default 3; --quick 1)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
-    parser.add_argument("--worker-mallopt", action="store_true",
-                        help="diagnostic: in the Dask workers, undo the MALLOC_TRIM_THRESHOLD_=65536 "
-                             "that Dask's nanny sets (glibc mallopt), to see what its page faults cost")
+    parser.add_argument(
+        "--worker-mallopt",
+        action="store_true",
+        help="diagnostic: in the Dask workers, undo the MALLOC_TRIM_THRESHOLD_=65536 "
+        "that Dask's nanny sets (glibc mallopt), to see what its page faults cost",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     repeats = args.repeats or (1 if args.quick else 3)
     plan = QUICK if args.quick else FULL
-    command = " ".join(["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        ["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     started = time.perf_counter()
     load_before = os.getloadavg()
 
     data = {size: make_data(plan[size][0] * BATCH_SIZE, seed=1) for size in SIZES}
     for size, hidden in SIZES.items():
         updates, epochs = plan[size]
-        print(f"{size}: MLP {N_FEATURES}-{'-'.join(map(str, hidden))}-{N_CLASSES} "
-              f"({n_params(hidden):,} parameters), batch {BATCH_SIZE}, {updates} updates x "
-              f"{epochs} epochs (first epoch not counted)", flush=True)
+        print(
+            f"{size}: MLP {N_FEATURES}-{'-'.join(map(str, hidden))}-{N_CLASSES} "
+            f"({n_params(hidden):,} parameters), batch {BATCH_SIZE}, {updates} updates x "
+            f"{epochs} epochs (first epoch not counted)",
+            flush=True,
+        )
 
     def job(size: str) -> tuple:
         return SIZES[size], *data[size], plan[size][1]
@@ -387,9 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(engine: str, size: str, out: dict) -> None:
         runs[f"{engine}_{size}"].append(out)
-        print(f"  {engine:<17} {size:<6} {statistics.fmean(out['steady']) * 1e3:9.2f} ms/update  "
-              f"(p50 {statistics.median(out['steady']) * 1e3:.2f}, "
-              f"wall {out['wall'] / out['updates'] * 1e3:.2f})", flush=True)
+        print(
+            f"  {engine:<17} {size:<6} {statistics.fmean(out['steady']) * 1e3:9.2f} ms/update  "
+            f"(p50 {statistics.median(out['steady']) * 1e3:.2f}, "
+            f"wall {out['wall'] / out['updates'] * 1e3:.2f})",
+            flush=True,
+        )
 
     import dask
     from distributed import Client, LocalCluster
@@ -402,8 +491,13 @@ def main(argv: list[str] | None = None) -> dict:
     # Dask warns when a task carries a large argument (the larger model's
     # state); the warning would only break up the printed figures.
     warnings.filterwarnings("ignore", message="Sending large graph")
-    cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
     client = Client(cluster)
     try:
         # An untimed decentralized fit per worker count: warms the workers up
@@ -415,9 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
             run_estimator(SIZES["small"], *warm, 1, "decentralized", w, client)
             threads[w] = worker_threads(client)
         worker_env = next(iter(client.run(_worker_env).values()))
-        print(f"torch threads per Dask worker after a decentralized fit: 1 worker {threads[1]}, "
-              f"2 workers {threads[2]}; worker environment {worker_env}"
-              + ("; glibc mallopt applied in the workers" if args.worker_mallopt else ""), flush=True)
+        print(
+            f"torch threads per Dask worker after a decentralized fit: 1 worker {threads[1]}, "
+            f"2 workers {threads[2]}; worker environment {worker_env}"
+            + ("; glibc mallopt applied in the workers" if args.worker_mallopt else ""),
+            flush=True,
+        )
 
         for rep in range(repeats):
             print(f"repeat {rep + 1}/{repeats}", flush=True)
@@ -425,11 +522,13 @@ def main(argv: list[str] | None = None) -> dict:
                 record("plain", size, run_plain(*job(size), threads=threads[1]))
                 record("local", size, run_estimator(*job(size), "local", threads=threads[1]))
             # Alternate the worker counts' order: one rescale per repeat.
-            for w in ((1, 2) if rep % 2 == 0 else (2, 1)):
+            for w in (1, 2) if rep % 2 == 0 else (2, 1):
                 scale_cluster(cluster, client, w, args.worker_mallopt)
                 for size in SIZES:
                     for backend in ("decentralized", "centralized"):
-                        record(f"{backend}_{w}w", size, run_estimator(*job(size), backend, w, client))
+                        record(
+                            f"{backend}_{w}w", size, run_estimator(*job(size), backend, w, client)
+                        )
             for size, out in run_ddp({size: job(size) for size in SIZES}, threads[2]).items():
                 record("ddp_2p", size, out)
     finally:
@@ -443,8 +542,10 @@ def main(argv: list[str] | None = None) -> dict:
         p50[name] = _ms(statistics.median(statistics.median(o["steady"]) for o in outs))
         wall[name] = _ms(statistics.median(o["wall"] / o["updates"] for o in outs))
     ratios, overhead = ratios_and_overheads(ms)
-    targets = {name: {"at_most": limit, "measured": ratios[name], "met": ratios[name] <= limit}
-               for name, limit in TARGETS.items()}
+    targets = {
+        name: {"at_most": limit, "measured": ratios[name], "met": ratios[name] <= limit}
+        for name, limit in TARGETS.items()
+    }
     load_after = os.getloadavg()
 
     result = {
@@ -457,8 +558,12 @@ def main(argv: list[str] | None = None) -> dict:
             "platform": platform.platform(),
             "load_average_1_5_15min_before": [round(v, 2) for v in load_before],
             "load_average_1_5_15min_after": [round(v, 2) for v in load_after],
-            "torch_threads": {"plain_and_local": threads[1], "dask_worker_1w": threads[1],
-                              "dask_worker_2w": threads[2], "ddp_per_rank": threads[2]},
+            "torch_threads": {
+                "plain_and_local": threads[1],
+                "dask_worker_1w": threads[1],
+                "dask_worker_2w": threads[2],
+                "ddp_per_rank": threads[2],
+            },
             "dask_worker_env": worker_env,
         },
         "settings": {
@@ -466,9 +571,15 @@ def main(argv: list[str] | None = None) -> dict:
             "n_features": N_FEATURES,
             "n_classes": N_CLASSES,
             "lr": LR,
-            "sizes": {size: {"hidden": list(hidden), "n_params": n_params(hidden),
-                             "updates_per_epoch": plan[size][0], "epochs": plan[size][1]}
-                      for size, hidden in SIZES.items()},
+            "sizes": {
+                size: {
+                    "hidden": list(hidden),
+                    "n_params": n_params(hidden),
+                    "updates_per_epoch": plan[size][0],
+                    "epochs": plan[size][1],
+                }
+                for size, hidden in SIZES.items()
+            },
             "not_counted": "the first epoch, and the first update of every other epoch",
             "repeats": repeats,
             "worker_mallopt": args.worker_mallopt,
@@ -480,8 +591,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "overhead_ms": overhead,
         "targets": targets,
-        "runs_ms_per_update": {name: [_ms(statistics.fmean(o["steady"])) for o in outs]
-                               for name, outs in runs.items()},
+        "runs_ms_per_update": {
+            name: [_ms(statistics.fmean(o["steady"])) for o in outs] for name, outs in runs.items()
+        },
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -494,12 +606,16 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in ratios.items():
         verdict = ""
         if name in TARGETS:
-            verdict = f"   target <= {TARGETS[name]}: {'met' if value <= TARGETS[name] else 'MISSED'}"
+            verdict = (
+                f"   target <= {TARGETS[name]}: {'met' if value <= TARGETS[name] else 'MISSED'}"
+            )
         print(f"  {name:<42} {value:8.3f}{verdict}")
     for name, value in overhead.items():
         print(f"  {name:<42} {value:8.2f} ms")
-    print(f"wrote {args.output} in {result['wall_seconds']:.0f} s; load average "
-          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after on {os.cpu_count()} CPUs")
+    print(
+        f"wrote {args.output} in {result['wall_seconds']:.0f} s; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after on {os.cpu_count()} CPUs"
+    )
     return result
 
 

@@ -1,4 +1,5 @@
 """Dask clusters shared by tests: real worker processes, one thread each."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Small models, data and fixtures shared by the ``test_estimators_*`` files."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The ``adadamp`` command line: what it needs installed, and its help texts."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,9 @@ import adadamp
 INSTALL_HINT = 'pip install "adadamp[experiments]"'
 
 
-def _python(args: list[str], tmp_path: Path, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _python(
+    args: list[str], tmp_path: Path, blocked: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` as if the packages ``blocked`` were not installed.
 
     A ``sitecustomize`` puts a None entry in ``sys.modules`` for each before
@@ -25,15 +28,19 @@ def _python(args: list[str], tmp_path: Path, blocked: tuple[str, ...] = ()) -> s
     )
     path = [str(tmp_path), str(Path(adadamp.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=60)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
 
 
-@pytest.mark.parametrize("args", [
-    ["-m", "adadamp.cli", "compare"],
-    ["-m", "adadamp.cli", "train", "--help"],
-    ["-m", "adadamp.experiments.synthetic"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "adadamp.cli", "compare"],
+        ["-m", "adadamp.cli", "train", "--help"],
+        ["-m", "adadamp.experiments.synthetic"],
+    ],
+)
 def test_experiments_without_the_extra_say_what_to_install(args, tmp_path):
     done = _python(args, tmp_path, blocked=("matplotlib",))
     assert done.returncode == 1, done.stderr
@@ -49,13 +56,16 @@ def test_the_message_names_every_missing_package(tmp_path):
 
 
 def test_the_core_needs_no_extra(tmp_path):
-    code = ("import sys, adadamp, adadamp.simulate; from adadamp import DaskClassifier; "
-            "print(sorted(m for m in ('matplotlib', 'mnist1d') if m in sys.modules))")
+    code = (
+        "import sys, adadamp, adadamp.simulate; from adadamp import DaskClassifier; "
+        "print(sorted(m for m in ('matplotlib', 'mnist1d') if m in sys.modules))"
+    )
     done = _python(["-c", code], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-    done = _python(["-m", "adadamp.cli", "simulate", "--paper"], tmp_path,
-                   blocked=("matplotlib", "mnist1d"))
+    done = _python(
+        ["-m", "adadamp.cli", "simulate", "--paper"], tmp_path, blocked=("matplotlib", "mnist1d")
+    )
     assert done.returncode == 0, done.stderr
     assert "78,200" in done.stdout
 

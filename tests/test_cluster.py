@@ -4,6 +4,7 @@ The tests that check an embedded cluster leaves nothing behind come first:
 they compare the process's threads and child processes before and after, so
 they should run before this module's shared clusters start.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,7 @@ import pytest
 import torch
 from distributed import Client, LocalCluster
 
-from adadamp.cluster import ClusterHandle, current_client, cluster_client, validate_client
+from adadamp.cluster import ClusterHandle, cluster_client, current_client, validate_client
 from adadamp.scaling import WorkerScaler, _address_key, available_workers
 
 
@@ -116,7 +117,14 @@ def test_embedded_cluster_scales_and_closes_on_error():
 
 
 @pytest.mark.parametrize(
-    "client", [None, "tcp://127.0.0.1:8786", "127.0.0.1:8786", "tls://scheduler.example:8786", "tcp://[::1]:8786"]
+    "client",
+    [
+        None,
+        "tcp://127.0.0.1:8786",
+        "127.0.0.1:8786",
+        "tls://scheduler.example:8786",
+        "tcp://[::1]:8786",
+    ],
 )
 def test_validate_client_accepts(client):
     validate_client(client)
@@ -183,8 +191,14 @@ def test_estimator_refuses_a_malformed_address_before_any_cluster_work():
 
     children = _children()
     began = time.monotonic()
-    est = DaskClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
-                         client="tcp//127.0.0.1:8786", max_epochs=1, verbose=0)
+    est = DaskClassifier(
+        torch.nn.Linear,
+        module__in_features=4,
+        module__out_features=2,
+        client="tcp//127.0.0.1:8786",
+        max_epochs=1,
+        verbose=0,
+    )
     with pytest.raises(ValueError, match="client='tcp//127.0.0.1:8786' is not a scheduler address"):
         est.fit(np.zeros((8, 4), dtype="float32"), np.zeros(8, dtype="int64"))
     assert time.monotonic() - began < 5
@@ -199,8 +213,14 @@ def test_nobody_at_the_address_fails_within_dasks_connect_timeout():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    est = DaskClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
-                         client=f"tcp://127.0.0.1:{port}", max_epochs=1, verbose=0)
+    est = DaskClassifier(
+        torch.nn.Linear,
+        module__in_features=4,
+        module__out_features=2,
+        client=f"tcp://127.0.0.1:{port}",
+        max_epochs=1,
+        verbose=0,
+    )
     began = time.monotonic()
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         with pytest.raises(OSError) as info:
@@ -368,7 +388,9 @@ def test_scale_to_rejects_bad_counts(client):
 def test_scaling_timeout_says_what_was_wanted_and_what_came():
     with _inprocess(StuckCluster) as cluster, Client(cluster, set_as_default=False) as client:
         scaler = WorkerScaler(ClusterHandle(client, embedded=False), timeout=0.5)
-        with pytest.raises(TimeoutError, match=r"wanted 2 Dask workers .* has 1 after 0\.5 s.*timeout"):
+        with pytest.raises(
+            TimeoutError, match=r"wanted 2 Dask workers .* has 1 after 0\.5 s.*timeout"
+        ):
             scaler.scale_to(2)
         # The failed target is forgotten, so the next call tries again.
         with pytest.raises(TimeoutError):
@@ -382,4 +404,6 @@ def test_available_workers_sorted_by_numeric_port(client):
         "tcp://127.0.0.1:9999",
         "tcp://127.0.0.1:10000",
     ]
-    assert available_workers(client) == sorted(client.scheduler_info(n_workers=-1)["workers"], key=_address_key)
+    assert available_workers(client) == sorted(
+        client.scheduler_info(n_workers=-1)["workers"], key=_address_key
+    )

@@ -1,4 +1,5 @@
 """The Smith et al. schedules, and ``adadamp compare`` / ``adadamp train`` end to end."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,12 @@ def test_schedule_definitions():
     dec = by_name["Dec. LR"]
     assert type(dec.damper) is GeoDampLR
     assert (dec.damper.initial, dec.damper.delay, dec.damper.factor) == (16, 6, 5)
-    for name, cap, initial in [("Hybrid inc-1", 80, 16), ("Hybrid inc-2", 400, 16),
-                               ("Inc. BS", None, 16), ("Hybrid*2", 640, 32)]:
+    for name, cap, initial in [
+        ("Hybrid inc-1", 80, 16),
+        ("Hybrid inc-2", 400, 16),
+        ("Inc. BS", None, 16),
+        ("Hybrid*2", 640, 32),
+    ]:
         s = by_name[name]
         assert type(s.damper) is GeoDamp
         assert (s.damper.initial, s.damper.delay, s.damper.factor) == (initial, 6, 5)
@@ -62,8 +67,13 @@ def test_schedule_definitions():
 
 def test_paper_update_counts():
     # CIFAR-10, 200 epochs, initial batch 128: the paper's table of model updates.
-    expected = {"Dec. LR": 78_200, "Hybrid inc-1": 34_520, "Hybrid inc-2": 29_480,
-                "Inc. BS": 29_240, "Hybrid*2": 14_960}
+    expected = {
+        "Dec. LR": 78_200,
+        "Hybrid inc-1": 34_520,
+        "Hybrid inc-2": 29_480,
+        "Inc. BS": 29_240,
+        "Hybrid*2": 14_960,
+    }
     for s in smith_schedules(200, initial_batch_size=128, lr=0.05):
         plans = plan_epochs(s.damper, 50_000, 200, s.max_batch_size)
         assert sum(len(e) for e in plans) == expected[s.name], s.name
@@ -111,8 +121,15 @@ def test_update_ratios_at_default_scale(batch):
     assert counts["Dec. LR"] / counts["Hybrid*2"] >= 4
 
 
-@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"epochs": 2, "initial_batch_size": 0},
-                                    {"epochs": 2, "lr": -1.0}, {"epochs": 2.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epochs": 0},
+        {"epochs": 2, "initial_batch_size": 0},
+        {"epochs": 2, "lr": -1.0},
+        {"epochs": 2.5},
+    ],
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         smith_schedules(**kwargs)
@@ -123,8 +140,24 @@ def test_bad_arguments(kwargs):
 
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["compare", "--epochs", "2", "--n-train", "300", "--seeds", "1", "--batch-size", "16",
-               "--backend", "local", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "compare",
+            "--epochs",
+            "2",
+            "--n-train",
+            "300",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "16",
+            "--backend",
+            "local",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     for name in SCHEDULE_NAMES:
@@ -149,13 +182,27 @@ def test_compare_end_to_end(tmp_path, capsys):
     # Two epochs on 300 digits are enough to beat chance (10 %).
     assert by_name["Dec. LR"]["test_accuracy"] > 0.2
 
-    for name in ("accuracy_loss_vs_epochs.png", "accuracy_loss_vs_model_updates.png",
-                 "accuracy_loss_vs_simulated_wall_clock.png", "schedules.png",
-                 "history.csv", "history.json"):
+    for name in (
+        "accuracy_loss_vs_epochs.png",
+        "accuracy_loss_vs_model_updates.png",
+        "accuracy_loss_vs_simulated_wall_clock.png",
+        "schedules.png",
+        "history.csv",
+        "history.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     header = (out / "history.csv").read_text().splitlines()[0].split(",")
-    assert {"schedule", "seed", "epoch", "test_accuracy", "train_loss", "model_updates",
-            "examples", "wall_clock_s", "sim_wall_clock_s"} <= set(header)
+    assert {
+        "schedule",
+        "seed",
+        "epoch",
+        "test_accuracy",
+        "train_loss",
+        "model_updates",
+        "examples",
+        "wall_clock_s",
+        "sim_wall_clock_s",
+    } <= set(header)
 
 
 def test_compare_rejects_unknown_dataset(tmp_path):

@@ -1,10 +1,12 @@
 """Batch-size policies: exact schedules, the max-batch rule, adaptive state, resolution."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
+from adadamp._batch_size_param import resolve_damper
 from adadamp.dampers import (
     DAMPERS,
     AdaDamp,
@@ -17,7 +19,6 @@ from adadamp.dampers import (
     PadaDamp,
     RadaDamp,
 )
-from adadamp._batch_size_param import resolve_damper
 from adadamp.schedule import plan_epochs, plan_update
 from adadamp.state import TrainState
 
@@ -425,8 +426,14 @@ def test_boundary_values_accepted():
 def test_dampers_registry_and_repr():
     assert DAMPERS["GeoDamp"] is GeoDamp and DAMPERS["AdaDamp"] is AdaDamp
     assert all(issubclass(c, BaseDamper) for c in DAMPERS.values())
-    assert {"Constant", "GeoDampLR", "PadaDamp", "CntsDampLR", "GradientDescent",
-            "RadaDamp"} <= set(DAMPERS)
+    assert {
+        "Constant",
+        "GeoDampLR",
+        "PadaDamp",
+        "CntsDampLR",
+        "GradientDescent",
+        "RadaDamp",
+    } <= set(DAMPERS)
     # every registered damper is usable with its defaults
     for cls in DAMPERS.values():
         assert type(resolve_damper(cls, {})) is cls

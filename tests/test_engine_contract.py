@@ -1,4 +1,5 @@
 """The contracts between estimators, engines, dampers and data, checked directly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,14 +74,27 @@ def test_loss_fraction_is_declared_on_every_damper():
     assert WrappedDamper().loss_fraction == 1.0  # the whole set, unless the damper says otherwise
     assert AdaDamp(loss_fraction=0.25).loss_fraction == 0.25
     X, y = digits(100)
-    est = DaskClassifier(MLP, lr=0.1, max_epochs=1, batch_size=WrappedDamper, backend="local",
-                         train_split=None, verbose=0).fit(X, y)
+    est = DaskClassifier(
+        MLP,
+        lr=0.1,
+        max_epochs=1,
+        batch_size=WrappedDamper,
+        backend="local",
+        train_split=None,
+        verbose=0,
+    ).fit(X, y)
     assert updates(est, "train_batch_size")[0] == 16
 
 
 def test_train_state_round_trips_through_its_state_dict():
-    state = TrainState(100, model_updates=7, examples_seen=250, last_loss=np.float32(0.5),
-                       grad_stats={"grad_sq_norm": np.float64(2.0)}, train_loss=0.75)
+    state = TrainState(
+        100,
+        model_updates=7,
+        examples_seen=250,
+        last_loss=np.float32(0.5),
+        grad_stats={"grad_sq_norm": np.float64(2.0)},
+        train_loss=0.75,
+    )
     saved = state.state_dict()
     assert all(type(v) in (int, float, dict) for v in saved.values())
     restored = TrainState(1)
@@ -90,7 +104,12 @@ def test_train_state_round_trips_through_its_state_dict():
     # A snapshot of an older version has no statistics: they keep their defaults.
     old = TrainState(10)
     old.load_state_dict({"model_updates": 3, "examples": 30})
-    assert (old.model_updates, old.examples_seen, old.last_loss, old.grad_stats) == (3, 30, None, {})
+    assert (old.model_updates, old.examples_seen, old.last_loss, old.grad_stats) == (
+        3,
+        30,
+        None,
+        {},
+    )
 
 
 class RecordingEngine(LocalEngine):
@@ -106,9 +125,17 @@ class RecordingEngine(LocalEngine):
 
 def test_backend_takes_an_engine_class_or_instance():
     X, y = digits(100)
-    params = dict(lr=0.1, max_epochs=2, batch_size=GeoDamp, batch_size__initial=20,
-                  batch_size__delay=1, batch_size__factor=2, train_split=None, random_state=0,
-                  verbose=0)
+    params = dict(
+        lr=0.1,
+        max_epochs=2,
+        batch_size=GeoDamp,
+        batch_size__initial=20,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        train_split=None,
+        random_state=0,
+        verbose=0,
+    )
     reference = DaskClassifier(MLP, backend="local", **params)
     torch.manual_seed(0)
     reference.fit(X, y)
@@ -129,14 +156,17 @@ def test_backend_takes_an_engine_class_or_instance():
 
 @pytest.mark.parametrize("bad", ["gpu", 3, object(), torch.nn.Linear])
 def test_a_backend_that_is_no_engine_is_refused(bad):
-    with pytest.raises(ValueError, match="backend must be one of .* an Engine subclass or an "
-                                         "Engine instance"):
+    with pytest.raises(
+        ValueError, match="backend must be one of .* an Engine subclass or an Engine instance"
+    ):
         check_backend(bad)
 
 
 def test_auto_backend_is_local_without_a_client_and_decentralized_with_one():
     assert type(resolve_engine("auto")).__name__ == "LocalEngine"
-    assert type(resolve_engine("auto", client="tcp://127.0.0.1:8786")).__name__ \
+    assert (
+        type(resolve_engine("auto", client="tcp://127.0.0.1:8786")).__name__
         == "DecentralizedEngine"
+    )
     assert resolve_engine("local").fit_id is None
     assert isinstance(resolve_engine("centralized"), Engine)

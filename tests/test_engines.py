@@ -6,6 +6,7 @@ are ordered so that it mostly grows: starting a worker process takes seconds.
 Worker failures and clusters started by the estimator itself are tested in
 ``test_engines_lifecycle.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,14 @@ import time
 import psutil
 import pytest
 import torch
-from estimator_helpers import MLP, digits, regression, updates, weights
-from estimator_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from estimator_helpers import (
+    MLP,
+    digits,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    regression,
+    updates,
+    weights,
+)
 from skorch.callbacks import Callback
 
 from adadamp import ConvergenceError
@@ -59,8 +66,16 @@ def _children() -> set[int]:
 )
 def test_bad_client_fails_before_any_cluster_work(backend, client, error, match):
     X, y = regression(n=32)
-    est = DaskRegressor(MLP, module__features=5, module__out=1, batch_size=16, max_epochs=1,
-                        backend=backend, client=client, verbose=0)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        batch_size=16,
+        max_epochs=1,
+        backend=backend,
+        client=client,
+        verbose=0,
+    )
     children = _children()
     with pytest.raises(error, match=match):
         est.fit(X, y)
@@ -72,12 +87,22 @@ def test_bad_client_fails_before_any_cluster_work(backend, client, error, match)
 @pytest.mark.parametrize("backend", ["dask", "Local", "", None, 1])
 def test_bad_backend_fails_before_any_cluster_work(backend):
     X, y = regression(n=32)
-    est = DaskRegressor(MLP, module__features=5, module__out=1, batch_size=16, max_epochs=1,
-                        backend=backend, verbose=0)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        batch_size=16,
+        max_epochs=1,
+        backend=backend,
+        verbose=0,
+    )
     children = _children()
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'local', "
-                                         r"'centralized', 'decentralized'\), an Engine subclass or an "
-                                             r"Engine instance, got "):
+    with pytest.raises(
+        ValueError,
+        match=r"backend must be one of \('auto', 'local', "
+        r"'centralized', 'decentralized'\), an Engine subclass or an "
+        r"Engine instance, got ",
+    ):
         est.fit(X, y)
     assert _children() == children
 
@@ -91,10 +116,21 @@ def _equivalence_fit(backend: str, client=None, workers: int = 1) -> DaskClassif
     X, y = digits(EQ_N)
     torch.manual_seed(0)  # the module's initial weights
     module = MLP(features=64, hidden=16, out=10)
-    est = DaskClassifier(module, batch_size=EQ_BATCH, max_epochs=EQ_EPOCHS, lr=0.1,
-                         optimizer=torch.optim.SGD, optimizer__momentum=0.9, train_split=None,
-                         backend=backend, client=client, random_state=7,
-                         min_workers=workers, max_workers=workers, verbose=0)
+    est = DaskClassifier(
+        module,
+        batch_size=EQ_BATCH,
+        max_epochs=EQ_EPOCHS,
+        lr=0.1,
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        train_split=None,
+        backend=backend,
+        client=client,
+        random_state=7,
+        min_workers=workers,
+        max_workers=workers,
+        verbose=0,
+    )
     return est.fit(X, y)
 
 
@@ -105,8 +141,10 @@ def local_reference() -> DaskClassifier:
 
 # Worker counts ascend so that the shared cluster only grows.
 @pytest.mark.parametrize(
-    "workers, backend", [(p, b) for p in (1, 2, 3) for b in DASK_BACKENDS],
-    ids=[f"{b}-{p}" for p in (1, 2, 3) for b in DASK_BACKENDS])
+    "workers, backend",
+    [(p, b) for p in (1, 2, 3) for b in DASK_BACKENDS],
+    ids=[f"{b}-{p}" for p in (1, 2, 3) for b in DASK_BACKENDS],
+)
 def test_dask_engines_match_local_weights(dask_client, local_reference, workers, backend):
     est = _equivalence_fit(backend, dask_client, workers)
     planned = EQ_EPOCHS * math.ceil(EQ_N / EQ_BATCH)
@@ -116,8 +154,9 @@ def test_dask_engines_match_local_weights(dask_client, local_reference, workers,
     assert cluster_size(dask_client) == workers
     assert_weights_close(weights(est), weights(local_reference), rtol=1e-5)
     # The loss of every update too, not only where the run ended.
-    assert updates(est, "train_loss") == pytest.approx(updates(local_reference, "train_loss"),
-                                                       rel=1e-5)
+    assert updates(est, "train_loss") == pytest.approx(
+        updates(local_reference, "train_loss"), rel=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- workers follow B
@@ -143,12 +182,24 @@ def growing_fit(request, dask_client):
     X, y = digits(GROW_N)
     sizes: list[int] = []
     torch.manual_seed(0)
-    est = DaskClassifier(MLP, module__hidden=16, batch_size=GeoDamp, batch_size__initial=32,
-                         batch_size__delay=1, batch_size__factor=2, grads_per_worker=32,
-                         max_workers=4, max_epochs=3, lr=0.05, train_split=None,
-                         backend=request.param, client=dask_client, random_state=0,
-                         callbacks=[("cluster_sizes", ClusterSizes(dask_client, sizes))],
-                         verbose=0)
+    est = DaskClassifier(
+        MLP,
+        module__hidden=16,
+        batch_size=GeoDamp,
+        batch_size__initial=32,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        grads_per_worker=32,
+        max_workers=4,
+        max_epochs=3,
+        lr=0.05,
+        train_split=None,
+        backend=request.param,
+        client=dask_client,
+        random_state=0,
+        callbacks=[("cluster_sizes", ClusterSizes(dask_client, sizes))],
+        verbose=0,
+    )
     est.fit(X, y)  # from whatever size an earlier test left: the first epoch scales to 1
     return est, sizes
 
@@ -182,11 +233,19 @@ def test_local_fit_has_no_fit_id(local_reference):
 
 
 DAMPERS = {
-    "adadamp-dwell": dict(batch_size=AdaDamp, batch_size__initial=16, batch_size__dwell=3,
-                          batch_size__loss_fraction=0.5),
+    "adadamp-dwell": dict(
+        batch_size=AdaDamp,
+        batch_size__initial=16,
+        batch_size__dwell=3,
+        batch_size__loss_fraction=0.5,
+    ),
     "radadamp-loss": dict(batch_size=RadaDamp, batch_size__initial=16, batch_size__rho=0.5),
-    "radadamp-grad": dict(batch_size=RadaDamp, batch_size__initial=16, batch_size__rho=0.5,
-                          batch_size__signal="grad_norm"),
+    "radadamp-grad": dict(
+        batch_size=RadaDamp,
+        batch_size__initial=16,
+        batch_size__rho=0.5,
+        batch_size__signal="grad_norm",
+    ),
 }
 
 
@@ -194,9 +253,19 @@ def _adaptive_fit(params: dict, backend: str, client=None) -> DaskRegressor:
     X, y = regression(n=192, features=5)
     torch.manual_seed(1)
     module = MLP(features=5, hidden=16, out=1)
-    est = DaskRegressor(module, **params, max_epochs=3, lr=0.05, optimizer=torch.optim.SGD,
-                        backend=backend, client=client, random_state=3,
-                        min_workers=2, max_workers=2, verbose=0)
+    est = DaskRegressor(
+        module,
+        **params,
+        max_epochs=3,
+        lr=0.05,
+        optimizer=torch.optim.SGD,
+        backend=backend,
+        client=client,
+        random_state=3,
+        min_workers=2,
+        max_workers=2,
+        verbose=0,
+    )
     return est.fit(X, y)
 
 
@@ -220,9 +289,18 @@ def _diverging_fit(backend: str, client=None) -> tuple[DaskRegressor, Convergenc
     X, y = regression(n=64)
     y = y * 1e6  # targets far from the scale of the initial predictions
     torch.manual_seed(0)
-    est = DaskRegressor(MLP(features=5, out=1), lr=10.0, max_epochs=50, batch_size=16,
-                        backend=backend, client=client, random_state=0,
-                        min_workers=2, max_workers=2, verbose=0)
+    est = DaskRegressor(
+        MLP(features=5, out=1),
+        lr=10.0,
+        max_epochs=50,
+        batch_size=16,
+        backend=backend,
+        client=client,
+        random_state=0,
+        min_workers=2,
+        max_workers=2,
+        verbose=0,
+    )
     with pytest.raises(ConvergenceError, match=r"model update \d+") as info:
         est.fit(X, y)
     return est, info.value
@@ -247,9 +325,20 @@ def test_convergence_error_reaches_caller_and_leaves_no_task_running(dask_client
 def test_decentralized_fit_on_cuda_keeps_the_module_on_the_gpu():
     X, y = digits(256)
     torch.manual_seed(0)
-    est = DaskClassifier(MLP, module__hidden=16, batch_size=32, max_epochs=3, lr=0.1,
-                         train_split=None, device="cuda", backend="decentralized",
-                         client=None, max_workers=1, random_state=0, verbose=0)
+    est = DaskClassifier(
+        MLP,
+        module__hidden=16,
+        batch_size=32,
+        max_epochs=3,
+        lr=0.1,
+        train_split=None,
+        device="cuda",
+        backend="decentralized",
+        client=None,
+        max_workers=1,
+        random_state=0,
+        verbose=0,
+    )
     est.fit(X, y)
     assert all(p.device.type == "cuda" for p in est.module_.parameters())
     assert set(updates(est, "workers")) == {1}

@@ -4,6 +4,7 @@ The first test starts its own cluster (``client=None``) and checks that
 nothing outlives the fit; the others kill a worker process of a cluster of
 their own in the middle of a fit.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,10 +57,21 @@ def test_embedded_cluster_leaves_no_process_or_port():
     torch.manual_seed(0)
     # B = 32 then 64 with one worker per 32 examples: the embedded cluster
     # starts one worker process, grows to two, and runs process groups on both.
-    est = DaskRegressor(nn.Linear(5, 1), batch_size=GeoDamp, batch_size__initial=32,
-                        batch_size__delay=1, batch_size__factor=2, grads_per_worker=32,
-                        max_workers=2, max_epochs=2, lr=0.05, backend="decentralized",
-                        client=None, random_state=0, verbose=0)
+    est = DaskRegressor(
+        nn.Linear(5, 1),
+        batch_size=GeoDamp,
+        batch_size__initial=32,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        grads_per_worker=32,
+        max_workers=2,
+        max_epochs=2,
+        lr=0.05,
+        backend="decentralized",
+        client=None,
+        random_state=0,
+        verbose=0,
+    )
     est.fit(X, y)
     assert updates(est, "workers") == [1] * 4 + [2] * 2
     # Closing is synchronous, but the OS may take a moment to reap a process.
@@ -115,10 +127,20 @@ def test_fit_survives_a_killed_worker(fresh_dask_client, backend, caplog):
     X, y = regression(n=KILL_N)
     second_epoch = threading.Event()
     torch.manual_seed(0)
-    est = DaskRegressor(SlowLinear(), batch_size=KILL_BATCH, max_epochs=KILL_EPOCHS, lr=0.05,
-                        optimizer=torch.optim.SGD, backend=backend, client=client,
-                        random_state=0, min_workers=2, max_workers=2, verbose=0,
-                        callbacks=[("started", EpochStarted(2, second_epoch))])
+    est = DaskRegressor(
+        SlowLinear(),
+        batch_size=KILL_BATCH,
+        max_epochs=KILL_EPOCHS,
+        lr=0.05,
+        optimizer=torch.optim.SGD,
+        backend=backend,
+        client=client,
+        random_state=0,
+        min_workers=2,
+        max_workers=2,
+        verbose=0,
+        callbacks=[("started", EpochStarted(2, second_epoch))],
+    )
     outcome: dict = {}
 
     def fit():
@@ -159,8 +181,9 @@ def test_fit_survives_a_killed_worker(fresh_dask_client, backend, caplog):
     assert est.history_[-1]["model_updates"] == planned
     assert [len(epoch["batches"]) for epoch in est.history_] == [per_epoch] * KILL_EPOCHS
     # Every example of every epoch was used once: no update lost or repeated.
-    assert [sum(b["train_batch_size"] for b in epoch["batches"]) for epoch in est.history_] \
-        == [KILL_N] * KILL_EPOCHS
+    assert [sum(b["train_batch_size"] for b in epoch["batches"]) for epoch in est.history_] == [
+        KILL_N
+    ] * KILL_EPOCHS
     assert len(updates(est, "train_loss")) == planned
     assert all(math.isfinite(loss) for loss in updates(est, "train_loss"))
     assert all(torch.isfinite(p).all() for p in est.module_.parameters())

@@ -1,4 +1,5 @@
 """Training in pieces equals training in one go: partial_fit, warm_start, checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,9 @@ EPOCHS = 4
 # Dampers whose batch sizes change within these four epochs; the adaptive ones
 # carry state (initial loss, moving average) that a resumed run must restore.
 DAMPERS = {
-    "geodamp": dict(batch_size=GeoDamp, batch_size__initial=8, batch_size__delay=1,
-                    batch_size__factor=2),
+    "geodamp": dict(
+        batch_size=GeoDamp, batch_size__initial=8, batch_size__delay=1, batch_size__factor=2
+    ),
     "padadamp": dict(batch_size=PadaDamp, batch_size__initial=8, batch_size__rate=2),
     "adadamp": dict(batch_size=AdaDamp, batch_size__initial=8, batch_size__dwell=3),
     "radadamp": dict(batch_size=RadaDamp, batch_size__initial=8, batch_size__rho=0.5),
@@ -25,9 +27,16 @@ DAMPERS = {
 
 def classifier(damper: str, **params) -> DaskClassifier:
     # SGD with momentum: the optimizer's own state must carry over as well.
-    defaults = dict(optimizer=torch.optim.SGD, optimizer__momentum=0.9, lr=0.05,
-                    max_epochs=EPOCHS, train_split=None, backend="local", random_state=0,
-                    verbose=0)
+    defaults = dict(
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        lr=0.05,
+        max_epochs=EPOCHS,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     return DaskClassifier(MLP, **{**defaults, **DAMPERS[damper], **params})
 
 
@@ -102,8 +111,11 @@ def test_fit_without_warm_start_starts_over(data, reference):
 
 @pytest.mark.parametrize("damper", DAMPERS)
 def test_resume_from_saved_params_in_a_new_estimator(damper, data, reference, tmp_path):
-    files = dict(f_params=tmp_path / "params.pt", f_optimizer=tmp_path / "optimizer.pt",
-                 f_history=tmp_path / "history.json")
+    files = dict(
+        f_params=tmp_path / "params.pt",
+        f_optimizer=tmp_path / "optimizer.pt",
+        f_history=tmp_path / "history.json",
+    )
     torch.manual_seed(0)
     classifier(damper, max_epochs=2).fit(*data).save_params(**files)
 
@@ -126,15 +138,19 @@ def test_resume_with_skorch_checkpoint_callbacks(damper, data, reference, tmp_pa
 
     torch.manual_seed(1)
     cp = checkpoint()
-    est = classifier(damper, max_epochs=2,
-                     callbacks=[("checkpoint", cp), ("load", LoadInitState(cp))])
+    est = classifier(
+        damper, max_epochs=2, callbacks=[("checkpoint", cp), ("load", LoadInitState(cp))]
+    )
     est.fit(*data)  # LoadInitState restores the checkpoint when training begins
     assert_same_run(est, reference[damper])
 
 
 def _save_after_two_epochs(damper, data, tmp_path, **params):
-    files = dict(f_params=tmp_path / "params.pt", f_optimizer=tmp_path / "optimizer.pt",
-                 f_history=tmp_path / "history.json")
+    files = dict(
+        f_params=tmp_path / "params.pt",
+        f_optimizer=tmp_path / "optimizer.pt",
+        f_history=tmp_path / "history.json",
+    )
     torch.manual_seed(0)
     classifier(damper, max_epochs=2, **params).fit(*data).save_params(**files)
     return files

@@ -1,4 +1,5 @@
 """The estimators as scikit-learn sees them: clone, search, pipelines, pickling."""
+
 from __future__ import annotations
 
 import pickle
@@ -17,9 +18,18 @@ from adadamp.estimators import DaskClassifier
 
 
 def classifier(**params) -> DaskClassifier:
-    defaults = dict(lr=0.1, max_epochs=3, batch_size=GeoDamp, batch_size__initial=16,
-                    batch_size__delay=1, batch_size__factor=2, train_split=None,
-                    backend="local", random_state=0, verbose=0)
+    defaults = dict(
+        lr=0.1,
+        max_epochs=3,
+        batch_size=GeoDamp,
+        batch_size__initial=16,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     return DaskClassifier(MLP, **{**defaults, **params})
 
 
@@ -65,8 +75,16 @@ def test_set_params_on_a_fitted_estimator_rebuilds_the_damper():
 
 def test_set_params_switches_from_an_int_to_a_damper_class():
     X, y = digits(200)
-    est = DaskClassifier(MLP, lr=0.1, max_epochs=1, batch_size=32, train_split=None,
-                         backend="local", random_state=0, verbose=0).fit(X, y)
+    est = DaskClassifier(
+        MLP,
+        lr=0.1,
+        max_epochs=1,
+        batch_size=32,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    ).fit(X, y)
     assert est.history_[:, "batch_size"] == [32]
     est.set_params(batch_size=PadaDamp, batch_size__initial=10, batch_size__rate=5)
     est.fit(X, y)
@@ -148,8 +166,10 @@ def test_pickle_drops_a_live_client_and_predicts_in_a_fresh_process(dask_client,
     unfitted = classifier(backend="auto", client=dask_client)
     assert pickle.loads(pickle.dumps(unfitted)).client is None
     # An address is no live object: it is kept.
-    assert pickle.loads(pickle.dumps(classifier(client="tcp://127.0.0.1:8786"))).client \
+    assert (
+        pickle.loads(pickle.dumps(classifier(client="tcp://127.0.0.1:8786"))).client
         == "tcp://127.0.0.1:8786"
+    )
 
     X, y = digits(200)
     est = classifier(backend="auto", client=dask_client).fit(X, y)
@@ -159,8 +179,9 @@ def test_pickle_drops_a_live_client_and_predicts_in_a_fresh_process(dask_client,
     path.write_bytes(pickle.dumps(est))
     assert est.client is dask_client
     np.save(data, X)
-    code = _PREDICT_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).parent), path=str(path),
-                                              out=str(out), X=str(data))
+    code = _PREDICT_IN_A_FRESH_PROCESS.format(
+        tests=str(Path(__file__).parent), path=str(path), out=str(out), X=str(data)
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(np.load(out), est.predict_proba(X), rtol=1e-6)

@@ -1,17 +1,18 @@
 """DaskClassifier/DaskRegressor on the in-process engine: accuracy, the schedule in
 history_, the paper's example, divergence, printed output and callbacks."""
+
 from __future__ import annotations
 
 import math
-import sys
 import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 from estimator_helpers import MLP, digits, one_torch_thread, regression, updates  # noqa: F401
-from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
 from sklearn.model_selection import train_test_split
+from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
 from torch.optim.lr_scheduler import StepLR
 
 from adadamp.dampers import GeoDamp, GeoDampLR
@@ -31,14 +32,32 @@ def expected_epoch(n: int, b: int) -> list[int]:
 def test_geodamp_matches_constant_batch_accuracy_with_fewer_updates():
     X, y = digits()
     X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, random_state=0, stratify=y)
+        X, y, test_size=0.25, random_state=0, stratify=y
+    )
     n = len(X_train)
-    common = dict(optimizer=torch.optim.SGD, optimizer__momentum=0.9, lr=0.05, max_epochs=20,
-                  train_split=None, backend="local", random_state=0, verbose=0)
+    common = dict(
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        lr=0.05,
+        max_epochs=20,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     runs = {}
-    for name, batch_size in [("geodamp", {"batch_size": GeoDamp, "batch_size__initial": 16,
-                                          "batch_size__delay": 5, "batch_size__factor": 2}),
-                             ("constant", {"batch_size": 16})]:
+    for name, batch_size in [
+        (
+            "geodamp",
+            {
+                "batch_size": GeoDamp,
+                "batch_size__initial": 16,
+                "batch_size__delay": 5,
+                "batch_size__factor": 2,
+            },
+        ),
+        ("constant", {"batch_size": 16}),
+    ]:
         torch.manual_seed(0)
         est = DaskClassifier(MLP, **common, **batch_size).fit(X_train, y_train)
         runs[name] = est.score(X_test, y_test), est.history_[-1]["model_updates"], est
@@ -72,22 +91,24 @@ def test_paper_example_as_printed():
         def forward(self, x, *args, **kwargs):
             return self.out(F.relu(self.hidden(x)))
 
-    from adadamp import DaskRegressor
     import torch.optim as optim
 
+    from adadamp import DaskRegressor
+
     est = DaskRegressor(
-        module=HiddenLayer, module__features=10,
+        module=HiddenLayer,
+        module__features=10,
         optimizer=optim.Adadelta,
         optimizer__weight_decay=1e-7,
-        max_epochs=10
+        max_epochs=10,
     )
 
     from adadamp.dampers import GeoDamp
-    est.set_params(
-        batch_size=GeoDamp, batch_size__delay=60,
-        batch_size__factor=5)
+
+    est.set_params(batch_size=GeoDamp, batch_size__delay=60, batch_size__factor=5)
 
     from sklearn.datasets import make_regression
+
     X, y = make_regression(n_features=10)
     X = torch.from_numpy(X.astype("float32"))
     y = torch.from_numpy(y.astype("float32")).reshape(-1, 1)
@@ -123,10 +144,22 @@ def test_history_records_the_planned_schedule(max_batch_size):
     X, y = regression(n=100)
     n, lr = len(X), 0.01
     torch.manual_seed(0)
-    est = DaskRegressor(MLP, module__features=5, module__out=1, lr=lr, max_epochs=8,
-                        batch_size=GeoDamp, batch_size__initial=8, batch_size__delay=2,
-                        batch_size__factor=2, max_batch_size=max_batch_size,
-                        train_split=None, backend="local", random_state=0, verbose=0)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        lr=lr,
+        max_epochs=8,
+        batch_size=GeoDamp,
+        batch_size__initial=8,
+        batch_size__delay=2,
+        batch_size__factor=2,
+        max_batch_size=max_batch_size,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     est.fit(X, y)
 
     plans = plan_epochs(GeoDamp(initial=8, delay=2, factor=2), n, 8, max_batch_size)
@@ -144,7 +177,8 @@ def test_history_records_the_planned_schedule(max_batch_size):
         assert [u["train_batch_size"] for u in row["batches"]] == expected_epoch(n, b)
         assert {u["damping"] for u in row["batches"]} == {want}
         assert [u["lr"] for u in row["batches"]] == pytest.approx(
-            [lr * b / want] * len(row["batches"]), rel=1e-12)
+            [lr * b / want] * len(row["batches"]), rel=1e-12
+        )
         assert row["batch_size"] == b
     assert est.history_[-1]["model_updates"] == len(flat)
     assert est.history_[-1]["examples"] == 8 * n
@@ -159,9 +193,18 @@ def test_diverging_run_raises_convergence_error():
     X, y = regression(n=64)
     y = y * 1e6  # targets far from the scale of the initial predictions
     lr = 10.0
-    est = DaskRegressor(MLP, module__features=5, module__out=1, lr=lr, max_epochs=50,
-                        batch_size=16, train_split=None, backend="local", random_state=0,
-                        verbose=0)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        lr=lr,
+        max_epochs=50,
+        batch_size=16,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     with pytest.raises(ConvergenceError) as info:
         est.fit(X, y)
     message = str(info.value)
@@ -181,13 +224,23 @@ def test_diverging_run_raises_convergence_error():
 # --------------------------------------------------------------------------- output
 
 
-def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(capsys,
-                                                                             monkeypatch):
+def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(capsys, monkeypatch):
     X, y = regression(n=60)
-    est = DaskRegressor(MLP, module__features=5, module__out=1, lr=0.01, max_epochs=3,
-                        batch_size=GeoDamp, batch_size__initial=10, batch_size__delay=1,
-                        batch_size__factor=2, train_split=None, backend="local",
-                        random_state=0, verbose=1)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        lr=0.01,
+        max_epochs=3,
+        batch_size=GeoDamp,
+        batch_size__initial=10,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=1,
+    )
     # On a terminal the progress bar shows the batch size as it grows.
     with monkeypatch.context() as patch:
         patch.setattr(sys.stderr, "isatty", lambda: True)
@@ -228,10 +281,21 @@ def test_verbose_prints_the_epoch_table_and_the_batch_size_in_the_progress_bar(c
 def test_geodamplr_records_decayed_lr_and_restores_the_base_lr():
     X, y = regression(n=40)
     lr = 0.1
-    est = DaskRegressor(MLP, module__features=5, module__out=1, lr=lr, max_epochs=4,
-                        batch_size=GeoDampLR, batch_size__initial=10, batch_size__delay=1,
-                        batch_size__factor=2, train_split=None, backend="local",
-                        random_state=0, verbose=0)
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        lr=lr,
+        max_epochs=4,
+        batch_size=GeoDampLR,
+        batch_size__initial=10,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     est.fit(X, y)
     for k, row in enumerate(est.history_):
         assert [u["train_batch_size"] for u in row["batches"]] == [10] * 4
@@ -243,11 +307,22 @@ def test_geodamplr_records_decayed_lr_and_restores_the_base_lr():
 def test_lr_scheduler_callback_composes_with_the_damper():
     X, y = regression(n=40)
     lr = 0.1
-    est = DaskRegressor(MLP, module__features=5, module__out=1, lr=lr, max_epochs=4,
-                        batch_size=GeoDampLR, batch_size__initial=10, batch_size__delay=1,
-                        batch_size__factor=2, train_split=None, backend="local",
-                        random_state=0, verbose=0,
-                        callbacks=[("step", LRScheduler(StepLR, step_size=1, gamma=0.5))])
+    est = DaskRegressor(
+        MLP,
+        module__features=5,
+        module__out=1,
+        lr=lr,
+        max_epochs=4,
+        batch_size=GeoDampLR,
+        batch_size__initial=10,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+        callbacks=[("step", LRScheduler(StepLR, step_size=1, gamma=0.5))],
+    )
     est.fit(X, y)
     # StepLR halves the base rate after every epoch and GeoDampLR halves the rate
     # of every update per epoch: a quarter per epoch in all.
@@ -260,10 +335,19 @@ def test_lr_scheduler_callback_composes_with_the_damper():
 
 def test_epoch_scoring_of_the_training_set():
     X, y = digits(300)
-    est = DaskClassifier(MLP, lr=0.1, max_epochs=2, batch_size=16, train_split=None,
-                         backend="local", random_state=0, verbose=0,
-                         callbacks=[EpochScoring("accuracy", on_train=True, name="train_acc",
-                                                 lower_is_better=False)])
+    est = DaskClassifier(
+        MLP,
+        lr=0.1,
+        max_epochs=2,
+        batch_size=16,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+        callbacks=[
+            EpochScoring("accuracy", on_train=True, name="train_acc", lower_is_better=False)
+        ],
+    )
     est.fit(X, y)
     scores = est.history_[:, "train_acc"]
     assert len(scores) == 2
@@ -274,9 +358,17 @@ def test_epoch_scoring_of_the_training_set():
 def test_early_stopping_ends_the_run_and_restores_the_lr():
     X, y = digits(300)
     lr = 100.0  # far too large: the training loss stops improving at once
-    est = DaskClassifier(MLP, lr=lr, max_epochs=30, batch_size=16, train_split=None,
-                         backend="local", random_state=0, verbose=0,
-                         callbacks=[EarlyStopping(monitor="train_loss", patience=2)])
+    est = DaskClassifier(
+        MLP,
+        lr=lr,
+        max_epochs=30,
+        batch_size=16,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+        callbacks=[EarlyStopping(monitor="train_loss", patience=2)],
+    )
     est.fit(X, y)
     assert len(est.history_) < 30
     assert est.history_[-1]["model_updates"] == len(est.history_) * math.ceil(300 / 16)
@@ -285,9 +377,18 @@ def test_early_stopping_ends_the_run_and_restores_the_lr():
 
 def test_default_validation_split_of_the_classifier():
     X, y = digits(300)
-    est = DaskClassifier(MLP, lr=0.1, max_epochs=2, batch_size=GeoDamp,
-                         batch_size__initial=16, batch_size__delay=1, batch_size__factor=2,
-                         backend="local", random_state=0, verbose=0)
+    est = DaskClassifier(
+        MLP,
+        lr=0.1,
+        max_epochs=2,
+        batch_size=GeoDamp,
+        batch_size__initial=16,
+        batch_size__delay=1,
+        batch_size__factor=2,
+        backend="local",
+        random_state=0,
+        verbose=0,
+    )
     est.fit(X, y)
     # skorch's ValidSplit(5) keeps a fifth aside: the updates see 240 examples.
     assert est.history_[:, "examples"] == [240, 480]

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the parameter, before any training starts."""
+
 from __future__ import annotations
 
 import re
@@ -25,15 +26,28 @@ class EpochCounter(Callback):
 
 
 def classifier(**params) -> DaskClassifier:
-    defaults = dict(module=MLP, max_epochs=1, train_split=None, backend="local", verbose=0,
-                    callbacks=[("counter", EpochCounter())])
+    defaults = dict(
+        module=MLP,
+        max_epochs=1,
+        train_split=None,
+        backend="local",
+        verbose=0,
+        callbacks=[("counter", EpochCounter())],
+    )
     return DaskClassifier(**{**defaults, **params})
 
 
 def regressor(**params) -> DaskRegressor:
-    defaults = dict(module=MLP, module__features=5, module__out=1, max_epochs=1,
-                    train_split=None, backend="local", verbose=0,
-                    callbacks=[("counter", EpochCounter())])
+    defaults = dict(
+        module=MLP,
+        module__features=5,
+        module__out=1,
+        max_epochs=1,
+        train_split=None,
+        backend="local",
+        verbose=0,
+        callbacks=[("counter", EpochCounter())],
+    )
     return DaskRegressor(**{**defaults, **params})
 
 
@@ -56,24 +70,49 @@ def _with(array, index, value):
 
 BAD_DATA = {
     "lengths": (classifier, X, y[:-1], ValueError, r"X and y have different lengths \(60 and 59\)"),
-    "lengths-torch": (classifier, torch.from_numpy(X), torch.from_numpy(y[:-1]), ValueError,
-                      "X and y have different lengths"),
-    "empty": (classifier, np.empty((0, 64), "float32"), np.empty(0, "int64"), ValueError,
-              "X is empty"),
+    "lengths-torch": (
+        classifier,
+        torch.from_numpy(X),
+        torch.from_numpy(y[:-1]),
+        ValueError,
+        "X and y have different lengths",
+    ),
+    "empty": (
+        classifier,
+        np.empty((0, 64), "float32"),
+        np.empty(0, "int64"),
+        ValueError,
+        "X is empty",
+    ),
     "nan-X": (classifier, _with(X, (3, 4), np.nan), y, ValueError, r"X contains 1 NaN"),
     "inf-X": (classifier, _with(X, (5, 0), np.inf), y, ValueError, r"X contains 1 NaN or infinite"),
-    "nan-X-torch": (classifier, torch.from_numpy(_with(X, (0, 0), np.nan)), y, ValueError,
-                    "X contains 1 NaN"),
+    "nan-X-torch": (
+        classifier,
+        torch.from_numpy(_with(X, (0, 0), np.nan)),
+        y,
+        ValueError,
+        "X contains 1 NaN",
+    ),
     "nan-y": (regressor, X_reg, _with(y_reg, (2, 0), np.nan), ValueError, r"y contains 1 NaN"),
     "str-X": (classifier, np.full((60, 64), "a"), y, TypeError, "X must be numeric"),
     "object-X": (classifier, X.astype(object), y, TypeError, "X must be numeric, got dtype object"),
     "ragged-X": (classifier, [[0.0, 1.0], [2.0]] * 30, y, TypeError, "X must be a rectangular"),
     "str-y": (classifier, X, np.array(["a"] * 60), TypeError, "y must be numeric"),
     # MSELoss would broadcast (n, 1) predictions against (n,) targets to n x n.
-    "1d-y": (regressor, X_reg, y_reg.ravel(), ValueError,
-             r"y has shape \(60,\), but the module outputs shape \(1,\) .*y.reshape\(-1, 1\)"),
-    "y-columns": (regressor, X_reg, np.hstack([y_reg, y_reg]), ValueError,
-                  r"y has shape \(60, 2\), .*outputs shape \(1,\) .*must have shape \(60, 1\)"),
+    "1d-y": (
+        regressor,
+        X_reg,
+        y_reg.ravel(),
+        ValueError,
+        r"y has shape \(60,\), but the module outputs shape \(1,\) .*y.reshape\(-1, 1\)",
+    ),
+    "y-columns": (
+        regressor,
+        X_reg,
+        np.hstack([y_reg, y_reg]),
+        ValueError,
+        r"y has shape \(60, 2\), .*outputs shape \(1,\) .*must have shape \(60, 1\)",
+    ),
 }
 
 
@@ -108,34 +147,70 @@ BAD_PARAMS = {
     "batch_size='big'": (dict(batch_size="big"), TypeError, r"batch_size .*got 'big'"),
     "batch_size=None": (dict(batch_size=None), TypeError, r"batch_size .*got None"),
     "batch_size=True": (dict(batch_size=True), TypeError, r"batch_size .*got True"),
-    "GeoDamp factor<1": (dict(batch_size=GeoDamp, batch_size__factor=0.5), ValueError,
-                         r"GeoDamp: factor must be .*>= 1, got 0\.5"),
-    "GeoDamp delay=0": (dict(batch_size=GeoDamp, batch_size__delay=0), ValueError,
-                        r"GeoDamp: delay must be .*> 0, got 0"),
-    "GeoDamp delay<0": (dict(batch_size=GeoDamp, batch_size__delay=-3), ValueError,
-                        r"GeoDamp: delay .*got -3"),
+    "GeoDamp factor<1": (
+        dict(batch_size=GeoDamp, batch_size__factor=0.5),
+        ValueError,
+        r"GeoDamp: factor must be .*>= 1, got 0\.5",
+    ),
+    "GeoDamp delay=0": (
+        dict(batch_size=GeoDamp, batch_size__delay=0),
+        ValueError,
+        r"GeoDamp: delay must be .*> 0, got 0",
+    ),
+    "GeoDamp delay<0": (
+        dict(batch_size=GeoDamp, batch_size__delay=-3),
+        ValueError,
+        r"GeoDamp: delay .*got -3",
+    ),
     "GeoDamp instance": (dict(batch_size=GeoDamp(factor=0.5)), ValueError, "GeoDamp: factor"),
-    "PadaDamp rate<0": (dict(batch_size=PadaDamp, batch_size__rate=-1), ValueError,
-                        r"PadaDamp: rate must be .*>= 0, got -1"),
-    "PadaDamp initial=0": (dict(batch_size=PadaDamp, batch_size__initial=0), ValueError,
-                           r"PadaDamp: initial must be .*> 0, got 0"),
-    "GeoDamp initial<0": (dict(batch_size=GeoDamp, batch_size__initial=-8), ValueError,
-                          r"GeoDamp: initial .*got -8"),
-    "unknown key": (dict(batch_size=GeoDamp, batch_size__dealy=3), ValueError,
-                    r"batch_size__dealy: not a parameter of GeoDamp.*batch_size__delay"),
-    "key for an int": (dict(batch_size=32, batch_size__delay=3), ValueError,
-                       r"batch_size__delay given, but batch_size=32 is an int"),
-    "missing dunder": (dict(batch_size=GeoDamp, batch_size_delay=3), ValueError,
-                       "did you mean batch_size__delay"),
+    "PadaDamp rate<0": (
+        dict(batch_size=PadaDamp, batch_size__rate=-1),
+        ValueError,
+        r"PadaDamp: rate must be .*>= 0, got -1",
+    ),
+    "PadaDamp initial=0": (
+        dict(batch_size=PadaDamp, batch_size__initial=0),
+        ValueError,
+        r"PadaDamp: initial must be .*> 0, got 0",
+    ),
+    "GeoDamp initial<0": (
+        dict(batch_size=GeoDamp, batch_size__initial=-8),
+        ValueError,
+        r"GeoDamp: initial .*got -8",
+    ),
+    "unknown key": (
+        dict(batch_size=GeoDamp, batch_size__dealy=3),
+        ValueError,
+        r"batch_size__dealy: not a parameter of GeoDamp.*batch_size__delay",
+    ),
+    "key for an int": (
+        dict(batch_size=32, batch_size__delay=3),
+        ValueError,
+        r"batch_size__delay given, but batch_size=32 is an int",
+    ),
+    "missing dunder": (
+        dict(batch_size=GeoDamp, batch_size_delay=3),
+        ValueError,
+        "did you mean batch_size__delay",
+    ),
     "max_batch_size=0": (dict(max_batch_size=0), ValueError, r"max_batch_size must be .*got 0"),
     "max_batch_size=1.5": (dict(max_batch_size=1.5), ValueError, r"max_batch_size .*got 1\.5"),
     "backend": (dict(backend="gpu"), ValueError, r"backend must be one of .*got 'gpu'"),
-    "grads_per_worker=0": (dict(grads_per_worker=0), ValueError,
-                           r"grads_per_worker must be an int >= 1, got 0"),
-    "min>max workers": (dict(min_workers=3, max_workers=2), ValueError,
-                        r"max_workers \(2\) is smaller than min_workers \(3\)"),
-    "worker_max_batch_size=0": (dict(worker_max_batch_size=0), ValueError,
-                                "worker_max_batch_size must be"),
+    "grads_per_worker=0": (
+        dict(grads_per_worker=0),
+        ValueError,
+        r"grads_per_worker must be an int >= 1, got 0",
+    ),
+    "min>max workers": (
+        dict(min_workers=3, max_workers=2),
+        ValueError,
+        r"max_workers \(2\) is smaller than min_workers \(3\)",
+    ),
+    "worker_max_batch_size=0": (
+        dict(worker_max_batch_size=0),
+        ValueError,
+        "worker_max_batch_size must be",
+    ),
     "random_state": (dict(random_state="a"), TypeError, "random_state must be None or an int"),
 }
 
@@ -189,8 +264,11 @@ def test_1d_targets_for_a_module_with_1d_output():
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
 def test_cuda_without_a_gpu_names_the_device_parameter(backend, device):
     est = classifier(device=device, backend=backend)
-    with pytest.raises(ValueError, match=rf"device='{device}', but this machine has no CUDA "
-                                         rf"device visible to PyTorch {re.escape(torch.__version__)}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"device='{device}', but this machine has no CUDA "
+        rf"device visible to PyTorch {re.escape(torch.__version__)}",
+    ):
         est.fit(X, y)
     assert_nothing_trained(est)
 
@@ -211,7 +289,9 @@ def test_a_device_this_machine_lacks_or_that_is_no_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_index_out_of_range():
     count = torch.cuda.device_count()
-    with pytest.raises(ValueError, match=rf"has {count} CUDA device\(s\), cuda:0 to cuda:{count - 1}"):
+    with pytest.raises(
+        ValueError, match=rf"has {count} CUDA device\(s\), cuda:0 to cuda:{count - 1}"
+    ):
         classifier(device=f"cuda:{count}").fit(X, y)
 
 
@@ -220,8 +300,11 @@ def test_a_cuda_index_out_of_range():
 
 def test_max_batch_size_below_the_initial_batch_size_warns_once(recwarn):
     est = classifier(batch_size=GeoDamp, batch_size__initial=64, max_batch_size=16, max_epochs=2)
-    with pytest.warns(UserWarning, match=r"max_batch_size=16 is below the initial batch size 64 "
-                                         r"of GeoDamp.*divided by 4 from the first update"):
+    with pytest.warns(
+        UserWarning,
+        match=r"max_batch_size=16 is below the initial batch size 64 "
+        r"of GeoDamp.*divided by 4 from the first update",
+    ):
         est.fit(X, y)
     assert est.history_[0, "batches"][0]["lr"] == pytest.approx(est.lr / 4)
     recwarn.clear()

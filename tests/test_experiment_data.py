@@ -15,7 +15,7 @@ from adadamp.experiments.data import (
     load_mnist1d_dataset,
     make_linear_network_data,
 )
-from adadamp.experiments.models import DigitsCNN, LinearNetwork, MNIST1DCNN
+from adadamp.experiments.models import MNIST1DCNN, DigitsCNN, LinearNetwork
 from adadamp.nn import GhostBatchNorm
 
 N_MNIST1D = 300  # small, so generating it takes a fraction of a second
@@ -232,7 +232,9 @@ def test_linear_network():
     F.mse_loss(out, y_train).backward()
     assert [tuple(p.shape) for p in model.parameters()] == [(12, 12), (12, 12), (1, 12)]
     assert [tuple(p.shape) for p in LinearNetwork(12, hidden=5).parameters()] == [
-        (5, 12), (5, 5), (1, 5),
+        (5, 12),
+        (5, 5),
+        (1, 5),
     ]
     # No activations and no biases: the network is a linear map.
     with torch.no_grad():

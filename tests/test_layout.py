@@ -1,4 +1,5 @@
 """The package layout: no import circles, and the experiments' plots import no runner."""
+
 from __future__ import annotations
 
 import ast
@@ -57,7 +58,7 @@ def _find_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(name: str, path: list[str]) -> list[str] | None:
         if name in path:
-            return path[path.index(name):] + [name]
+            return path[path.index(name) :] + [name]
         if name in done:
             return None
         for target in sorted(graph[name]):

@@ -1,12 +1,11 @@
 """The README's Python examples, run as written: README and code cannot drift apart."""
+
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -21,8 +20,9 @@ def _block(marker: str) -> str:
 def _run(code: str, tmp_path: Path) -> str:
     script = tmp_path / "example.py"
     script.write_text(code)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return _ANSI.sub("", done.stdout)
 
@@ -32,7 +32,7 @@ def _table(printed: str) -> dict[str, list[float]]:
     lines = printed.splitlines()
     top = next(i for i, line in enumerate(lines) if line.split()[:1] == ["epoch"])
     header = lines[top].split()
-    rows = [line.split() for line in lines[top + 2:] if line.strip()]
+    rows = [line.split() for line in lines[top + 2 :] if line.strip()]
     rows = [r for r in rows if len(r) == len(header)]
     return {name: [float(r[i]) for r in rows] for i, name in enumerate(header)}
 

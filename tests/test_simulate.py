@@ -1,4 +1,5 @@
 """The wall-clock model: formulas on hand-computed cases, runs, the CLI, the paper table."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,10 @@ def test_ring_all_reduce_by_hand():
 
 def test_parameter_server_grows_linearly_with_workers():
     arch = Centralized(overhead_s=0.0)
-    comm = [update_time(512, p, network=NET, architecture=arch, **MODEL).communication_s
-            for p in (1, 2, 4, 8)]
+    comm = [
+        update_time(512, p, network=NET, architecture=arch, **MODEL).communication_s
+        for p in (1, 2, 4, 8)
+    ]
     # 2 P * 1 ms + 2 * 1 us; a round trip even for one worker.
     assert comm == pytest.approx([2e-3 + 2e-6, 4e-3 + 2e-6, 8e-3 + 2e-6, 16e-3 + 2e-6])
     assert np.diff(comm) == pytest.approx([2e-3, 4e-3, 8e-3])
@@ -69,23 +72,30 @@ def test_parameter_server_grows_linearly_with_workers():
 
 def test_overhead_per_update_and_per_extra_worker():
     assert update_time(128, 1, network="centralized").overhead_s == pytest.approx(
-        PAPER_CENTRALIZED_OVERHEAD_S)
+        PAPER_CENTRALIZED_OVERHEAD_S
+    )
     arch = Decentralized(overhead_s=0.01, overhead_per_worker_s=0.002)
     assert update_time(384, 3, network=NET, architecture=arch).overhead_s == pytest.approx(0.014)
 
 
 def test_compute_uses_the_largest_slice():
     spe = 0.001
-    assert update_time(128, 2, network=NET, architecture="decentralized",
-                       seconds_per_example=spe).compute_s == pytest.approx(0.064)
+    assert update_time(
+        128, 2, network=NET, architecture="decentralized", seconds_per_example=spe
+    ).compute_s == pytest.approx(0.064)
     # 129 examples on 2 workers: one worker has 65.
-    assert update_time(129, 2, network=NET, architecture="decentralized",
-                       seconds_per_example=spe).compute_s == pytest.approx(0.065)
+    assert update_time(
+        129, 2, network=NET, architecture="decentralized", seconds_per_example=spe
+    ).compute_s == pytest.approx(0.065)
 
 
 def test_workers_follow_the_batch_size():
-    res = simulate_run([128, 129, 256, 1000, 5000, 64], network="decentralized-high",
-                       grads_per_worker=128, max_workers=10)
+    res = simulate_run(
+        [128, 129, 256, 1000, 5000, 64],
+        network="decentralized-high",
+        grads_per_worker=128,
+        max_workers=10,
+    )
     assert res.workers.tolist() == [1, 2, 2, 8, 10, 1]
     assert res.max_workers == 10
     res = simulate_run([64, 64], network="decentralized-high", grads_per_worker=128, min_workers=3)
@@ -103,22 +113,32 @@ def test_total_is_the_sum_of_update_times():
 
 def test_full_batch_sizes_size_the_workers():
     # The last update of an epoch is short but keeps the epoch's workers.
-    res = simulate_run([300, 300, 100], full_batch_sizes=[300, 300, 300], network=NET,
-                       architecture="decentralized", grads_per_worker=100)
+    res = simulate_run(
+        [300, 300, 100],
+        full_batch_sizes=[300, 300, 300],
+        network=NET,
+        architecture="decentralized",
+        grads_per_worker=100,
+    )
     assert res.workers.tolist() == [3, 3, 3]
     assert res.compute_s[2] == pytest.approx(34 * T4_SECONDS_PER_EXAMPLE)
 
 
 def test_a_schedule_keeps_the_epochs_workers_for_its_last_update():
-    res = simulate_run(PlannedRun(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
-                       network="decentralized-high", grads_per_worker=100)
+    res = simulate_run(
+        PlannedRun(GeoDamp(initial=300, delay=100, factor=1), 1000, 2),
+        network="decentralized-high",
+        grads_per_worker=100,
+    )
     assert res.batch_sizes.tolist() == [300, 300, 300, 100] * 2
     assert res.workers.tolist() == [3] * 8
 
 
 def test_rescale_is_charged_when_the_workers_change():
     arch = Decentralized(rescale_s=2.0)
-    res = simulate_run([128, 128, 256, 256, 128], network=NET, architecture=arch, grads_per_worker=128)
+    res = simulate_run(
+        [128, 128, 256, 256, 128], network=NET, architecture=arch, grads_per_worker=128
+    )
     assert res.overhead_s.tolist() == [0, 0, 2.0, 0, 2.0]
 
 
@@ -179,7 +199,8 @@ def test_paper_table_fit_is_stated_and_closer(table):
     # Unfitted, one decentralized worker only computes: 200 epochs x 50,000 examples.
     one = table.rows[0]
     assert one.minutes["decentralized-moderate"] == pytest.approx(
-        200 * 50_000 * T4_SECONDS_PER_EXAMPLE / 60)
+        200 * 50_000 * T4_SECONDS_PER_EXAMPLE / 60
+    )
 
 
 def _expected_total_line(res) -> str:
@@ -187,12 +208,28 @@ def _expected_total_line(res) -> str:
 
 
 def test_cli_schedule_end_to_end(capsys):
-    argv = ["simulate", "--network", "centralized", "--initial", "64", "--factor", "4",
-            "--delay", "2", "--epochs", "6", "--n-examples", "5000", "--max-batch-size", "1024"]
+    argv = [
+        "simulate",
+        "--network",
+        "centralized",
+        "--initial",
+        "64",
+        "--factor",
+        "4",
+        "--delay",
+        "2",
+        "--epochs",
+        "6",
+        "--n-examples",
+        "5000",
+        "--max-batch-size",
+        "1024",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    res = simulate_run(PlannedRun(GeoDamp(initial=64, delay=2, factor=4), 5000, 6, 1024),
-                       network="centralized")
+    res = simulate_run(
+        PlannedRun(GeoDamp(initial=64, delay=2, factor=4), 5000, 6, 1024), network="centralized"
+    )
     assert _expected_total_line(res) in out
     assert f"{res.n_updates:,} updates" in out
     assert "54 Gb/s" in out and "centralized (parameter server)" in out
@@ -200,13 +237,27 @@ def test_cli_schedule_end_to_end(capsys):
 
 
 def test_cli_custom_network_and_overhead(capsys):
-    argv = ["simulate", "--bandwidth", "1", "--latency", "10", "--architecture", "centralized",
-            "--overhead", "0.2", "--epochs", "2", "--n-examples", "1000"]
+    argv = [
+        "simulate",
+        "--bandwidth",
+        "1",
+        "--latency",
+        "10",
+        "--architecture",
+        "centralized",
+        "--overhead",
+        "0.2",
+        "--epochs",
+        "2",
+        "--n-examples",
+        "1000",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     arch = Centralized(overhead_s=0.2)
-    res = simulate_run(PlannedRun(GeoDamp(128, 60, 5), 1000, 2), network=Network(1e9, 10e-6),
-                       architecture=arch)
+    res = simulate_run(
+        PlannedRun(GeoDamp(128, 60, 5), 1000, 2), network=Network(1e9, 10e-6), architecture=arch
+    )
     assert "1 Gb/s, 10 us latency" in out and "200.00 ms/update" in out
     assert _expected_total_line(res) in out
 
@@ -221,12 +272,26 @@ def test_cli_history_json_and_csv(tmp_path, capsys):
     assert _expected_total_line(res) in out and "15 updates" in out and "up to 10 workers" in out
 
     csv_path = tmp_path / "history.csv"
-    csv_path.write_text("batch_size,workers\n" + "\n".join(
-        f"{r['batch_size']},{r['workers']}" for r in records))
-    assert main(["simulate", "--history", str(csv_path), "--network", "decentralized-high",
-                 "--recorded-workers"]) == 0
+    csv_path.write_text(
+        "batch_size,workers\n" + "\n".join(f"{r['batch_size']},{r['workers']}" for r in records)
+    )
+    assert (
+        main(
+            [
+                "simulate",
+                "--history",
+                str(csv_path),
+                "--network",
+                "decentralized-high",
+                "--recorded-workers",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    res = simulate_run(records, network="decentralized-high", workers=[r["workers"] for r in records])
+    res = simulate_run(
+        records, network="decentralized-high", workers=[r["workers"] for r in records]
+    )
     assert _expected_total_line(res) in out and "up to 4 workers" in out
 
 

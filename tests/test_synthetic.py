@@ -1,4 +1,5 @@
 """The synthetic experiment: AdaDamp needs GD's few updates and SGD's few examples."""
+
 from __future__ import annotations
 
 import json
@@ -8,17 +9,17 @@ import numpy as np
 import pytest
 
 from adadamp.dampers import AdaDamp, Constant, GradientDescent, PadaDamp
-from adadamp.state import TrainState
 from adadamp.experiments.synthetic import (
     METHODS,
     LossRecorder,
     SyntheticConfig,
     format_table,
-    make_damper,
     main,
+    make_damper,
     probe_points,
     run_synthetic,
 )
+from adadamp.state import TrainState
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Engines compute model updates; the estimators choose one with ``backend``."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,15 +1,15 @@
 """What both Dask engines do on the client: the cluster, its size, and the payload."""
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import uuid
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
-
-from typing import Any
 
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
@@ -43,17 +43,29 @@ class DaskEngine(Engine):
         self._exit = contextlib.ExitStack()
         self.payload_future = None
 
-    def start(self, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-              criterion: nn.Module, examples: Examples, client: Any = None) -> None:
+    def start(
+        self,
+        config: TrainConfig,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        examples: Examples,
+        client: Any = None,
+    ) -> None:
         # A new name per fit: workers cache a fit's model under it, and an
         # engine object may serve several fits.
         self.fit_id = uuid.uuid4().hex
         self.config = config
         self.module, self.optimizer = module, optimizer
         self.n_examples = len(examples)
-        handle = self._exit.enter_context(cluster_client(
-            client, n_workers_hint=config.min_workers,
-            device=config.device, max_workers=config.max_workers))
+        handle = self._exit.enter_context(
+            cluster_client(
+                client,
+                n_workers_hint=config.min_workers,
+                device=config.device,
+                max_workers=config.max_workers,
+            )
+        )
         self.client = handle.client
         self.scaler = WorkerScaler(handle)
         self._payload = _worker.FitPayload(
@@ -96,7 +108,9 @@ class DaskEngine(Engine):
         """
         if damper.needs_loss:
             return self.scaler.n_workers or self.config.min_workers
-        plan = next_update(copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset)
+        plan = next_update(
+            copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset
+        )
         return self.config.workers_for(plan.full_batch_size)
 
     def client_state(self) -> tuple[dict, dict]:

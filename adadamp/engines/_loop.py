@@ -10,6 +10,7 @@ centralized engine calls its pieces (:func:`rank_gradient`, :func:`step`,
 :func:`loss_shares`) from its Dask tasks. A change to what an update computes
 or records is one edit here.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,8 +50,9 @@ class Reducer:
         """Replace ``tensor`` by its sum over the ranks."""
 
 
-def loss_shares(config: TrainConfig, damper: BaseDamper, state: TrainState, n: int,
-                world: int) -> list[np.ndarray]:
+def loss_shares(
+    config: TrainConfig, damper: BaseDamper, state: TrainState, n: int, world: int
+) -> list[np.ndarray]:
     """The examples of the damper's loss estimate, split into ``world`` contiguous shares."""
     idx = _step.loss_indices(config.seed, state.model_updates, n, damper.loss_fraction)
     return [idx[lo:hi] for lo, hi in _step.split_slices(len(idx), world)]
@@ -65,8 +67,9 @@ def loss_share(model: RankModel, indices: np.ndarray) -> float:
     return _step.loss_sum(model.module, model.criterion, X, y, chunk)
 
 
-def training_loss(model: RankModel, damper: BaseDamper, state: TrainState,
-                  reducer: Reducer) -> float:
+def training_loss(
+    model: RankModel, damper: BaseDamper, state: TrainState, reducer: Reducer
+) -> float:
     """The damper's training loss: each rank evaluates its share, one reduction adds them."""
     shares = loss_shares(model.config, damper, state, len(model.examples), reducer.world)
     total = torch.zeros(1, dtype=torch.float64, device=model.examples.device)
@@ -80,13 +83,21 @@ def rank_gradient(model: RankModel, indices: torch.Tensor) -> float:
     if not len(indices):
         return 0.0
     X, y = model.examples.take(indices)
-    return _step.accumulate_gradient_sum(model.module, model.criterion, X, y,
-                                         model.config.worker_max_batch_size)
+    return _step.accumulate_gradient_sum(
+        model.module, model.criterion, X, y, model.config.worker_max_batch_size
+    )
 
 
-def step(model: RankModel, plan: UpdatePlan, update: int, loss_sum: float,
-         worker_sq_sum: float, workers: int, base_lrs: list[float],
-         needs_stats: bool) -> tuple[float, float, dict[str, float]]:
+def step(
+    model: RankModel,
+    plan: UpdatePlan,
+    update: int,
+    loss_sum: float,
+    worker_sq_sum: float,
+    workers: int,
+    base_lrs: list[float],
+    needs_stats: bool,
+) -> tuple[float, float, dict[str, float]]:
     """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
 
     Checks the loss for divergence, computes the gradient statistics and takes
@@ -103,10 +114,16 @@ def step(model: RankModel, plan: UpdatePlan, update: int, loss_sum: float,
     return loss, lr, stats
 
 
-def run_updates(model: RankModel, damper: BaseDamper, state: TrainState, order: torch.Tensor,
-                offset: int, reducer: Reducer, on_update: OnUpdate,
-                keep_going: Callable[[UpdatePlan], bool] | None = None,
-                ) -> tuple[int, UpdatePlan | None]:
+def run_updates(
+    model: RankModel,
+    damper: BaseDamper,
+    state: TrainState,
+    order: torch.Tensor,
+    offset: int,
+    reducer: Reducer,
+    on_update: OnUpdate,
+    keep_going: Callable[[UpdatePlan], bool] | None = None,
+) -> tuple[int, UpdatePlan | None]:
     """Run updates from ``offset`` of the epoch's ``order`` until the epoch ends.
 
     Every rank calls this with the same damper, state and order, and advances
@@ -145,14 +162,30 @@ def run_updates(model: RankModel, damper: BaseDamper, state: TrainState, order: 
                 if damper.needs_grad_stats:
                     flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
             reducer.all_reduce(flat)
-            loss, lr, stats = step(model, plan, state.model_updates + 1, float(flat[-2]),
-                                   float(flat[-1]), reducer.world, base_lrs,
-                                   damper.needs_grad_stats)
+            loss, lr, stats = step(
+                model,
+                plan,
+                state.model_updates + 1,
+                float(flat[-2]),
+                float(flat[-1]),
+                reducer.world,
+                base_lrs,
+                damper.needs_grad_stats,
+            )
             advance(state, plan.batch_size)
             state.last_loss, state.grad_stats = loss, stats
             offset += plan.batch_size
-            on_update(UpdateRecord(plan.damping, plan.batch_size, lr, reducer.world, loss,
-                                   time.perf_counter() - began, stats))
+            on_update(
+                UpdateRecord(
+                    plan.damping,
+                    plan.batch_size,
+                    lr,
+                    reducer.world,
+                    loss,
+                    time.perf_counter() - began,
+                    stats,
+                )
+            )
         return offset, None
     finally:
         for group, base in zip(optimizer.param_groups, base_lrs):

@@ -6,6 +6,7 @@ sums are added over workers, divided by ``B``, and one optimizer step is taken
 (:func:`apply_update`). Because workers add sums rather than averaging means,
 the result does not depend on ``P``.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,7 @@ def accumulate_gradient_sum(
 
 def gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The current ``p.grad`` of every parameter, zeros where there is none."""
-    return [
-        p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()
-    ]
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
 
 
 def squared_norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -124,8 +123,9 @@ def loss_indices(seed: int, model_updates: int, n: int, fraction: float) -> np.n
     return np.sort(np.random.default_rng([seed, model_updates, 1]).choice(n, size, replace=False))
 
 
-def gradient_stats(mean_grad_sq_norm: float, worker_sq_norm_sum: float, workers: int,
-                   batch_size: int) -> dict[str, float]:
+def gradient_stats(
+    mean_grad_sq_norm: float, worker_sq_norm_sum: float, workers: int, batch_size: int
+) -> dict[str, float]:
     """Scalars a damper may read about the last update's gradient.
 
     ``grad_sq_norm`` is the squared norm of the update's mean gradient;

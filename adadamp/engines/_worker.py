@@ -7,6 +7,7 @@ a worker meets the fit and caches the worker's module, optimizer and data, so
 the training set reaches each worker once per fit whatever Dask later does
 with its replicas. Per update, only weights, gradients and indices travel.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,7 +37,10 @@ class OptimizerRecipe:
     def of(cls, optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerRecipe:
         index = {id(p): i for i, p in enumerate(module.parameters())}
         groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [index[id(p)] for p in g["params"]],
+            }
             for g in optimizer.param_groups
         ]
         return cls(type(optimizer), groups)
@@ -153,7 +157,9 @@ def load_state(model: WorkerModel, module_state: dict, optimizer_state: dict | N
 
 def export_state(model: WorkerModel) -> tuple[dict, dict]:
     """Copies of the module's and optimizer's state, safe to keep while training goes on."""
-    module_state = {k: v.detach().to("cpu", copy=True) for k, v in model.module.state_dict().items()}
+    module_state = {
+        k: v.detach().to("cpu", copy=True) for k, v in model.module.state_dict().items()
+    }
     optimizer_state = copy.deepcopy(model.optimizer.state_dict())
     return module_state, optimizer_state
 

@@ -1,9 +1,9 @@
 """What an engine is: the contract between the estimators and the engines."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from typing import Any
 
 import torch

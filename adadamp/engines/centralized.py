@@ -14,6 +14,7 @@ does from the task lineage. For dampers that do not
 look at the model, the client submits a whole run of updates without waiting
 for any of them; adaptive dampers read each update's loss first.
 """
+
 from __future__ import annotations
 
 import operator
@@ -29,7 +30,6 @@ from . import _step, _worker
 from ._dask import DaskEngine
 from ._loop import loss_share, loss_shares, rank_gradient, step
 from .base import OnUpdate, UpdateRecord
-
 
 
 @dataclass
@@ -59,8 +59,9 @@ class UpdateInfo:
     """Wall-clock time (``time.time()``) the update task finished."""
 
 
-def gradient_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor,
-                  needs_stats: bool) -> tuple[list[torch.Tensor], float, float, int]:
+def gradient_task(
+    payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor, needs_stats: bool
+) -> tuple[list[torch.Tensor], float, float, int]:
     """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, weights.module_state, None, weights.token)
@@ -72,15 +73,30 @@ def gradient_task(payload: _worker.PayloadRef, weights: Weights, indices: torch.
     return grads, loss, sq, len(indices)
 
 
-def update_task(payload: _worker.PayloadRef, server: ServerState, plan: UpdatePlan, update: int,
-                base_lrs: list[float], needs_stats: bool, *results) -> tuple[ServerState, Weights, UpdateInfo]:
+def update_task(
+    payload: _worker.PayloadRef,
+    server: ServerState,
+    plan: UpdatePlan,
+    update: int,
+    base_lrs: list[float],
+    needs_stats: bool,
+    *results,
+) -> tuple[ServerState, Weights, UpdateInfo]:
     """The parameter server's step: add the workers' sums, divide by ``B``, step."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, server.module_state, server.optimizer_state, server.token)
     for i, p in enumerate(model.module.parameters()):
         p.grad = sum(r[0][i] for r in results).to(p.device)
-    loss, _, stats = step(model, plan, update, sum(r[1] for r in results),
-                          sum(r[2] for r in results), len(results), base_lrs, needs_stats)
+    loss, _, stats = step(
+        model,
+        plan,
+        update,
+        sum(r[1] for r in results),
+        sum(r[2] for r in results),
+        len(results),
+        base_lrs,
+        needs_stats,
+    )
     module_state, optimizer_state = _worker.export_state(model)
     new = ServerState(module_state, optimizer_state, token=f"{server.token}+{update}")
     model.state_token = (new.token, True)  # the worker now holds exactly this state
@@ -98,8 +114,9 @@ class CentralizedEngine(DaskEngine):
 
     name = "centralized"
 
-    def run_epoch(self, epoch: int, damper: BaseDamper, state: TrainState,
-                  on_update: OnUpdate) -> None:
+    def run_epoch(
+        self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
+    ) -> None:
         client, config = self.client, self.config
         n = self.n_examples
         order = torch.from_numpy(epoch_permutation(config.seed, epoch, n))
@@ -116,9 +133,17 @@ class CentralizedEngine(DaskEngine):
             """Wait for the submitted updates and record them in order."""
             infos = client.gather([info for _, _, info in pending])
             for (plan, workers, _), info in zip(pending, infos):
-                on_update(UpdateRecord(plan.damping, plan.batch_size, base_lrs[0] * plan.lr_factor,
-                                       workers, info.loss, info.finished - last_finished[0],
-                                       info.grad_stats))
+                on_update(
+                    UpdateRecord(
+                        plan.damping,
+                        plan.batch_size,
+                        base_lrs[0] * plan.lr_factor,
+                        workers,
+                        info.loss,
+                        info.finished - last_finished[0],
+                        info.grad_stats,
+                    )
+                )
                 last_finished[0] = info.finished
             if damper.adaptive and infos:
                 state.last_loss, state.grad_stats = infos[-1].loss, infos[-1].grad_stats
@@ -139,14 +164,31 @@ class CentralizedEngine(DaskEngine):
             batch = order[offset : offset + plan.batch_size]
             grads = [
                 # clone: a slice is a view, and would pickle the whole permutation.
-                client.submit(gradient_task, payload, weights, batch[lo:hi].clone(),
-                              damper.needs_grad_stats, workers=[w],
-                              allow_other_workers=True, pure=False)
+                client.submit(
+                    gradient_task,
+                    payload,
+                    weights,
+                    batch[lo:hi].clone(),
+                    damper.needs_grad_stats,
+                    workers=[w],
+                    allow_other_workers=True,
+                    pure=False,
+                )
                 for w, (lo, hi) in zip(workers, _step.split_slices(plan.batch_size, len(workers)))
             ]
-            result = client.submit(update_task, payload, server, plan,
-                                   state.model_updates + 1, base_lrs, damper.needs_grad_stats, *grads,
-                                   workers=[workers[0]], allow_other_workers=True, pure=False)
+            result = client.submit(
+                update_task,
+                payload,
+                server,
+                plan,
+                state.model_updates + 1,
+                base_lrs,
+                damper.needs_grad_stats,
+                *grads,
+                workers=[workers[0]],
+                allow_other_workers=True,
+                pure=False,
+            )
             server = client.submit(operator.itemgetter(0), result, pure=False)
             weights = client.submit(operator.itemgetter(1), result, pure=False)
             info = client.submit(operator.itemgetter(2), result, pure=False)
@@ -163,8 +205,15 @@ class CentralizedEngine(DaskEngine):
         workers = self.scaler.workers() or [None]
         shares = loss_shares(self.config, damper, state, self.n_examples, len(workers))
         parts = [
-            self.client.submit(loss_task, self.ensure_payload(), weights, share,
-                               workers=[w] if w else None, allow_other_workers=True, pure=False)
+            self.client.submit(
+                loss_task,
+                self.ensure_payload(),
+                weights,
+                share,
+                workers=[w] if w else None,
+                allow_other_workers=True,
+                pure=False,
+            )
             for w, share in zip(workers, shares)
         ]
         return sum(self.client.gather(parts)) / sum(len(s) for s in shares)

@@ -10,12 +10,12 @@ size without asking the client. When the damper's batch size calls for
 another worker count, or the epoch ends, rank 0 returns the state, the client
 rescales the cluster, and a new process group starts from that state.
 """
+
 from __future__ import annotations
 
 import copy
 import datetime
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +91,9 @@ class GroupReducer(Reducer):
             self.group.allreduce([tensor]).wait()
 
 
-def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int,
-                host: str, port: int) -> SegmentResult | None:
+def run_segment(
+    payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int, host: str, port: int
+) -> SegmentResult | None:
     """Run updates on this rank until the epoch ends or the worker count must change."""
     model = _worker.worker_model(payload)
     config = model.config
@@ -106,8 +107,15 @@ def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, wor
     records: list[UpdateRecord] = []
     on_update = records.append if rank == 0 else (lambda record: None)
     offset, stopped_at = run_updates(
-        model, damper, state, order.to(device), start.offset, reducer, on_update,
-        keep_going=lambda plan: config.workers_for(plan.full_batch_size) == start.target_workers)
+        model,
+        damper,
+        state,
+        order.to(device),
+        start.offset,
+        reducer,
+        on_update,
+        keep_going=lambda plan: config.workers_for(plan.full_batch_size) == start.target_workers,
+    )
     wanted = None if stopped_at is None else config.workers_for(stopped_at.full_batch_size)
     if rank != 0:
         model.state_token = None
@@ -122,14 +130,23 @@ class DecentralizedEngine(DaskEngine):
 
     name = "decentralized"
 
-    def run_epoch(self, epoch: int, damper: BaseDamper, state: TrainState,
-                  on_update: OnUpdate) -> None:
+    def run_epoch(
+        self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
+    ) -> None:
         module_state, optimizer_state = self.client_state()
         offset, target, restarts = 0, self.guess_workers(damper, state, 0), 0
         while offset < self.n_examples:
             world = self.scale_to(target)
-            start = SegmentStart(epoch, offset, target, module_state, optimizer_state,
-                                 damper, state, token=f"{self.fit_id}-{epoch}-{offset}-{restarts}")
+            start = SegmentStart(
+                epoch,
+                offset,
+                target,
+                module_state,
+                optimizer_state,
+                damper,
+                state,
+                token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
+            )
             try:
                 result = self._run_segment(start, world)
             except _LostWorkers as lost:
@@ -137,9 +154,12 @@ class DecentralizedEngine(DaskEngine):
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(
                         f"Dask workers kept failing during epoch {epoch} ({restarts} restarts); "
-                        f"last error: {lost.cause!r}") from lost.cause
-                logger.warning("A worker was lost (%r); restarting the segment on the workers left.",
-                               lost.cause)
+                        f"last error: {lost.cause!r}"
+                    ) from lost.cause
+                logger.warning(
+                    "A worker was lost (%r); restarting the segment on the workers left.",
+                    lost.cause,
+                )
                 self.scaler.reset()
                 continue
             for record in result.records:
@@ -163,9 +183,18 @@ class DecentralizedEngine(DaskEngine):
         start_future = self.hold(start)
         futures = [
             self.client.submit(
-                run_segment, payload, start_future, rank, world, host_of(workers[0]), port,
-                workers=[address], allow_other_workers=False,
-                pure=False, key=f"adadamp-segment-{start.token}-{rank}")
+                run_segment,
+                payload,
+                start_future,
+                rank,
+                world,
+                host_of(workers[0]),
+                port,
+                workers=[address],
+                allow_other_workers=False,
+                pure=False,
+                key=f"adadamp-segment-{start.token}-{rank}",
+            )
             for rank, address in enumerate(workers)
         ]
         try:

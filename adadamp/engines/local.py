@@ -1,4 +1,5 @@
 """The in-process engine: no Dask, one rank. The reference the others must match."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,13 +20,22 @@ class LocalEngine(Engine):
 
     name = "local"
 
-    def start(self, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-              criterion: nn.Module, examples: Examples, client: Any = None) -> None:
+    def start(
+        self,
+        config: TrainConfig,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: nn.Module,
+        examples: Examples,
+        client: Any = None,
+    ) -> None:
         self.model = RankModel(module, optimizer, criterion, examples.to(config.device), config)
 
-    def run_epoch(self, epoch: int, damper: BaseDamper, state: TrainState,
-                  on_update: OnUpdate) -> None:
+    def run_epoch(
+        self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
+    ) -> None:
         examples = self.model.examples
         order = torch.from_numpy(
-            epoch_permutation(self.model.config.seed, epoch, len(examples))).to(examples.device)
+            epoch_permutation(self.model.config.seed, epoch, len(examples))
+        ).to(examples.device)
         run_updates(self.model, damper, state, order, 0, Reducer(), on_update)

@@ -12,6 +12,7 @@ rather than a run failing when it first draws or loads MNIST-1D.
 - ``plots``: the figures;
 - ``compare``, ``train``, ``synthetic``: the runners and their command lines.
 """
+
 import sys
 from importlib.util import find_spec
 

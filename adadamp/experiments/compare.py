@@ -17,6 +17,7 @@ The simulated wall-clock (:func:`adadamp.simulate.simulate_run`) is what the
 run would take if the workers grew with the batch size, ``grads_per_worker``
 being the initial batch size (the paper's setup: 128 examples per worker).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -174,26 +175,40 @@ def train_one(
     epochs, updates, wall = [], [], 0.0
     for row in net.history:
         wall += row["dur"]
-        epochs.append({
-            "epoch": row["epoch"],
-            "test_accuracy": row["test_acc"],
-            "test_loss": row["test_loss"],
-            "train_loss": float(row["train_loss"]),
-            "model_updates": row["model_updates"],
-            "examples": row["examples"],
-            "batch_size": row["batch_size"],
-            "lr": row["lr"],
-            "workers": row["workers"],
-            "wall_clock_s": wall,
-        })
+        epochs.append(
+            {
+                "epoch": row["epoch"],
+                "test_accuracy": row["test_acc"],
+                "test_loss": row["test_loss"],
+                "train_loss": float(row["train_loss"]),
+                "model_updates": row["model_updates"],
+                "examples": row["examples"],
+                "batch_size": row["batch_size"],
+                "lr": row["lr"],
+                "workers": row["workers"],
+                "wall_clock_s": wall,
+            }
+        )
         updates.extend(
-            {"batch_size": u["train_batch_size"], "lr": u["lr"], "workers": u["workers"],
-             "loss": u["train_loss"], "duration": u["duration"]}
+            {
+                "batch_size": u["train_batch_size"],
+                "lr": u["lr"],
+                "workers": u["workers"],
+                "loss": u["train_loss"],
+                "duration": u["duration"],
+            }
             for u in row["batches"]
         )
     n_params = sum(p.numel() for p in net.module_.parameters())
-    return RunResult(schedule.name, seed, epochs, updates, n_params,
-                     schedule.initial_batch_size, schedule.effective_max_batch_size)
+    return RunResult(
+        schedule.name,
+        seed,
+        epochs,
+        updates,
+        n_params,
+        schedule.initial_batch_size,
+        schedule.effective_max_batch_size,
+    )
 
 
 def compare(config: CompareConfig, progress: bool = True) -> list[RunResult]:
@@ -207,14 +222,19 @@ def compare(config: CompareConfig, progress: bool = True) -> list[RunResult]:
     _check_config(config)
     data = _load(config)
     schedules = [
-        s for s in smith_schedules(config.epochs, config.batch_size, config.lr)
+        s
+        for s in smith_schedules(config.epochs, config.batch_size, config.lr)
         if s.name in config.schedules
     ]
     results = []
-    bar = tqdm(total=len(schedules) * config.seeds, unit="run", disable=not progress,
-               file=sys.stderr)
-    with bar, torch_threads(config.threads), \
-            dask_client(config.backend, config.max_workers) as client:
+    bar = tqdm(
+        total=len(schedules) * config.seeds, unit="run", disable=not progress, file=sys.stderr
+    )
+    with (
+        bar,
+        torch_threads(config.threads),
+        dask_client(config.backend, config.max_workers) as client,
+    ):
         for seed in range(config.seeds):
             for schedule in schedules:
                 bar.set_description(f"{schedule.name}, seed {seed}")
@@ -237,7 +257,9 @@ def simulated_wall_clock(results: Sequence[RunResult], config: CompareConfig) ->
 
     per_example = [
         u["duration"] / u["batch_size"]
-        for r in results for u in r.updates if u["batch_size"] == config.batch_size
+        for r in results
+        for u in r.updates
+        if u["batch_size"] == config.batch_size
     ]
     seconds_per_example = float(np.median(per_example)) if per_example else 0.0
     for r in results:
@@ -269,33 +291,50 @@ def summarize(results: Sequence[RunResult], config: CompareConfig) -> list[Summa
         last = [r.epochs[-1] for r in runs]
         accs = [float(row["test_accuracy"]) for row in last]
         max_batch = max(int(r.batch_sizes.max()) for r in runs)
-        rows.append(SummaryRow(
-            schedule=name,
-            test_accuracy=float(np.mean(accs)),
-            test_accuracy_std=float(np.std(accs)),
-            test_accuracies=accs,
-            final_train_loss=float(np.mean([row["train_loss"] for row in last])),
-            model_updates=int(round(np.mean([row["model_updates"] for row in last]))),
-            examples=int(round(np.mean([row["examples"] for row in last]))),
-            wall_clock_s=float(np.mean([row["wall_clock_s"] for row in last])),
-            sim_wall_clock_s=float(np.mean([row["sim_wall_clock_s"] for row in last])),
-            initial_batch_size=runs[0].initial_batch_size,
-            max_batch_size=max_batch,
-            max_workers=workers_for(max_batch, config.batch_size),
-            max_workers_used=max(int(u["workers"]) for r in runs for u in r.updates),
-            increase_epochs=increase_epochs(config.epochs),
-        ))
+        rows.append(
+            SummaryRow(
+                schedule=name,
+                test_accuracy=float(np.mean(accs)),
+                test_accuracy_std=float(np.std(accs)),
+                test_accuracies=accs,
+                final_train_loss=float(np.mean([row["train_loss"] for row in last])),
+                model_updates=int(round(np.mean([row["model_updates"] for row in last]))),
+                examples=int(round(np.mean([row["examples"] for row in last]))),
+                wall_clock_s=float(np.mean([row["wall_clock_s"] for row in last])),
+                sim_wall_clock_s=float(np.mean([row["sim_wall_clock_s"] for row in last])),
+                initial_batch_size=runs[0].initial_batch_size,
+                max_batch_size=max_batch,
+                max_workers=workers_for(max_batch, config.batch_size),
+                max_workers_used=max(int(u["workers"]) for r in runs for u in r.updates),
+                increase_epochs=increase_epochs(config.epochs),
+            )
+        )
     return rows
 
 
 def format_table(rows: Sequence[SummaryRow]) -> str:
     """The printed table: one line per schedule."""
-    header = ("schedule", "test acc. (%)", "model updates", "examples", "wall-clock (s)",
-              "simulated (s)", "max batch", "max workers")
+    header = (
+        "schedule",
+        "test acc. (%)",
+        "model updates",
+        "examples",
+        "wall-clock (s)",
+        "simulated (s)",
+        "max batch",
+        "max workers",
+    )
     lines = [
-        (r.schedule, f"{100 * r.test_accuracy:.1f} ± {100 * r.test_accuracy_std:.1f}",
-         f"{r.model_updates:,}", f"{r.examples:,}", f"{r.wall_clock_s:.1f}",
-         f"{r.sim_wall_clock_s:.2f}", f"{r.max_batch_size:,}", f"{r.max_workers}")
+        (
+            r.schedule,
+            f"{100 * r.test_accuracy:.1f} ± {100 * r.test_accuracy_std:.1f}",
+            f"{r.model_updates:,}",
+            f"{r.examples:,}",
+            f"{r.wall_clock_s:.1f}",
+            f"{r.sim_wall_clock_s:.2f}",
+            f"{r.max_batch_size:,}",
+            f"{r.max_workers}",
+        )
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -359,37 +398,86 @@ def _jsonable(value: Any) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``adadamp compare`` options to ``parser``."""
-    parser.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS), default="digits",
-                        help="data set and model: digits (DigitsCNN) or mnist1d (MNIST1DCNN)")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="epochs per run (default: digits 20, mnist1d 30)")
-    parser.add_argument("--seeds", type=positive_int, default=2,
-                        help="runs per schedule, seeds 0..N-1 (default 2)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="initial batch size b; Hybrid*2 starts at 2b (default 32)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="initial learning rate of every schedule (default 0.1)")
-    parser.add_argument("--ghost-batch-size", type=_non_negative_int, default=None,
-                        help="ghost batch normalization over this many examples; 0 for none "
-                             "(default: digits none, mnist1d 32)")
-    parser.add_argument("--n-train", type=positive_int, default=None,
-                        help="train on the first N training examples only (quick checks)")
-    parser.add_argument("--schedules", nargs="+", choices=SCHEDULE_NAMES, metavar="NAME",
-                        default=list(SCHEDULE_NAMES),
-                        help="schedules to run (default: all five)")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default=DEFAULT_BACKEND,
-                        help=f"who computes the model updates (default {DEFAULT_BACKEND})")
-    parser.add_argument("--max-workers", type=positive_int, default=None,
-                        help="most Dask workers of a Dask backend (default: the CPU cores)")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASET_DEFAULTS),
+        default="digits",
+        help="data set and model: digits (DigitsCNN) or mnist1d (MNIST1DCNN)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="epochs per run (default: digits 20, mnist1d 30)",
+    )
+    parser.add_argument(
+        "--seeds", type=positive_int, default=2, help="runs per schedule, seeds 0..N-1 (default 2)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="initial batch size b; Hybrid*2 starts at 2b (default 32)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="initial learning rate of every schedule (default 0.1)",
+    )
+    parser.add_argument(
+        "--ghost-batch-size",
+        type=_non_negative_int,
+        default=None,
+        help="ghost batch normalization over this many examples; 0 for none "
+        "(default: digits none, mnist1d 32)",
+    )
+    parser.add_argument(
+        "--n-train",
+        type=positive_int,
+        default=None,
+        help="train on the first N training examples only (quick checks)",
+    )
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=SCHEDULE_NAMES,
+        metavar="NAME",
+        default=list(SCHEDULE_NAMES),
+        help="schedules to run (default: all five)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=DEFAULT_BACKEND,
+        help=f"who computes the model updates (default {DEFAULT_BACKEND})",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=positive_int,
+        default=None,
+        help="most Dask workers of a Dask backend (default: the CPU cores)",
+    )
     from ..simulate import NETWORKS
 
-    parser.add_argument("--network", choices=sorted(NETWORKS), default=DEFAULT_NETWORK,
-                        help="network preset of the simulated wall-clock "
-                             f"(default {DEFAULT_NETWORK})")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads in this process (default 1: the models are tiny)")
-    parser.add_argument("--out", type=Path, default=Path("compare-out"),
-                        help="folder for plots, histories and summary.json (default compare-out)")
+    parser.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        default=DEFAULT_NETWORK,
+        help=f"network preset of the simulated wall-clock (default {DEFAULT_NETWORK})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads in this process (default 1: the models are tiny)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("compare-out"),
+        help="folder for plots, histories and summary.json (default compare-out)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -438,8 +526,7 @@ def run(args: argparse.Namespace) -> int:
         f"{config.dataset}: {config.epochs} epochs, initial batch {config.batch_size}, "
         f"lr {config.lr:g}, batch x5 (or lr / 5) after epochs "
         f"{', '.join(map(str, increase_epochs(config.epochs))) or 'none'}; "
-        + (f"ghost batch norm over {config.ghost_batch_size}; "
-           if config.ghost_batch_size else "")
+        + (f"ghost batch norm over {config.ghost_batch_size}; " if config.ghost_batch_size else "")
         + f"{config.seeds} seed(s), backend {config.backend}"
     )
     print(format_table(rows))
@@ -467,9 +554,7 @@ def _check_config(config: CompareConfig) -> None:
     from ..simulate import NETWORKS
 
     if config.network not in NETWORKS:
-        raise ValueError(
-            f"network must be one of {sorted(NETWORKS)}, got {config.network!r}."
-        )
+        raise ValueError(f"network must be one of {sorted(NETWORKS)}, got {config.network!r}.")
     unknown = [n for n in config.schedules if n not in SCHEDULE_NAMES]
     if unknown or not config.schedules:
         raise ValueError(

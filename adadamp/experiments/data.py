@@ -7,6 +7,7 @@ drawn from a seeded random generator.
 Every loader returns ``(X_train, X_test, y_train, y_test)`` as tensors, in the
 order of :func:`sklearn.model_selection.train_test_split`.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,9 +62,7 @@ def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> Split:
     return _to_tensors(X_train, X_test, y_train, y_test)
 
 
-def load_mnist1d_dataset(
-    seed: int = 0, n_samples: int = 4000, test_size: float = 0.2
-) -> Split:
+def load_mnist1d_dataset(seed: int = 0, n_samples: int = 4000, test_size: float = 0.2) -> Split:
     """MNIST-1D: one-dimensional signals of the ten digits, generated locally.
 
     Parameters
@@ -96,8 +95,7 @@ def load_mnist1d_dataset(
         raise TypeError(f"n_samples must be an int, got {n_samples!r}.")
     if n_samples < 20:
         raise ValueError(
-            f"n_samples={n_samples} is too small; use at least 20 (two signals "
-            "per digit)."
+            f"n_samples={n_samples} is too small; use at least 20 (two signals per digit)."
         )
     _check_fraction("test_size", test_size)
     # Imported here because mnist1d imports matplotlib, which is slow and
@@ -132,9 +130,7 @@ def load_mnist1d_dataset(
     std[std == 0] = 1.0
     X_train = ((X_train - mean) / std).astype(np.float32)[:, None, :]
     X_test = ((X_test - mean) / std).astype(np.float32)[:, None, :]
-    return _to_tensors(
-        X_train, X_test, data["y"].astype(np.int64), data["y_test"].astype(np.int64)
-    )
+    return _to_tensors(X_train, X_test, data["y"].astype(np.int64), data["y_test"].astype(np.int64))
 
 
 def make_linear_network_data(

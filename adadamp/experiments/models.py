@@ -5,6 +5,7 @@ through ``module__<name>`` parameters. The classifiers return raw logits, to
 be paired with :class:`torch.nn.CrossEntropyLoss` (the default criterion of
 the package's classifier), not with :class:`torch.nn.NLLLoss`.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -43,8 +44,7 @@ class DigitsCNN(nn.Module):
         hidden = _check_positive_int("hidden", hidden)
         # The normalization subtracts a per-channel mean, which cancels a
         # convolution bias, so the bias is dropped when it would be wasted.
-        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1,
-                              bias=ghost_batch_size is None)
+        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1, bias=ghost_batch_size is None)
         self.norm = _optional_ghost_norm(channels, ghost_batch_size)
         self.pool = nn.MaxPool2d(2)
         self.fc1 = nn.Linear(channels * 4 * 4, hidden)
@@ -75,8 +75,7 @@ class MNIST1DCNN(nn.Module):
     def __init__(self, channels: int = 32, ghost_batch_size: int | None = None) -> None:
         super().__init__()
         channels = _check_positive_int("channels", channels)
-        self.conv1 = nn.Conv1d(1, channels, kernel_size=5, padding=2,
-                               bias=ghost_batch_size is None)
+        self.conv1 = nn.Conv1d(1, channels, kernel_size=5, padding=2, bias=ghost_batch_size is None)
         self.norm = _optional_ghost_norm(channels, ghost_batch_size)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)

@@ -2,6 +2,7 @@
 
 Every function writes PNG files into a folder and returns their paths.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -79,9 +80,12 @@ def plot_compare(results: Sequence[RunResult], config: CompareConfig, out: Path)
     axes_defs = [
         ("epochs", "epoch", "epochs", "accuracy_loss_vs_epochs.png"),
         ("model_updates", "model updates", "model updates", "accuracy_loss_vs_model_updates.png"),
-        ("sim_wall_clock_s", "simulated wall-clock (s)",
-         f"simulated wall-clock ({config.network}, workers = batch / {config.batch_size})",
-         "accuracy_loss_vs_simulated_wall_clock.png"),
+        (
+            "sim_wall_clock_s",
+            "simulated wall-clock (s)",
+            f"simulated wall-clock ({config.network}, workers = batch / {config.batch_size})",
+            "accuracy_loss_vs_simulated_wall_clock.png",
+        ),
     ]
     written = []
     for x_key, x_label, x_title, filename in axes_defs:
@@ -93,8 +97,14 @@ def plot_compare(results: Sequence[RunResult], config: CompareConfig, out: Path)
                 y = _stack(runs, key) * scale
                 ax.plot(x, y.mean(axis=0), label=name, linewidth=1.8, **style)
                 if len(runs) > 1:
-                    ax.fill_between(x, y.min(axis=0), y.max(axis=0), alpha=0.15,
-                                    color=style.get("color"), linewidth=0)
+                    ax.fill_between(
+                        x,
+                        y.min(axis=0),
+                        y.max(axis=0),
+                        alpha=0.15,
+                        color=style.get("color"),
+                        linewidth=0,
+                    )
         ax_acc.set_ylabel("test accuracy (%)")
         _zoom_accuracy(ax_acc, results)
         ax_loss.set_ylabel("training loss")
@@ -126,8 +136,9 @@ def _zoom_accuracy(ax: Any, results: Sequence[RunResult]) -> None:
     ax.set_ylim(low, min(100.0, max(finals) + 2.0))
 
 
-def _plot_schedules(plt: Any, groups: Mapping[str, Sequence[RunResult]],
-                    config: CompareConfig, path: Path) -> Path:
+def _plot_schedules(
+    plt: Any, groups: Mapping[str, Sequence[RunResult]], config: CompareConfig, path: Path
+) -> Path:
     """Batch size (top) and learning rate (bottom), one column per schedule.
 
     One panel per schedule because several schedules share long stretches
@@ -135,8 +146,15 @@ def _plot_schedules(plt: Any, groups: Mapping[str, Sequence[RunResult]],
     overlaid steps would hide each other.
     """
     names = list(groups)
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names) + 1, 5.2),
-                             sharex=True, sharey="row", squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        2,
+        len(names),
+        figsize=(2.6 * len(names) + 1, 5.2),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+        constrained_layout=True,
+    )
     for col, name in enumerate(names):
         run = groups[name][0]  # the schedule is the same for every seed
         color = SCHEDULE_STYLES.get(name, {}).get("color")
@@ -151,10 +169,12 @@ def _plot_schedules(plt: Any, groups: Mapping[str, Sequence[RunResult]],
         per_epoch = np.array([row["batch_size"] for row in run.epochs], dtype=float)
         edges = np.arange(len(per_epoch) + 1, dtype=float)
         ax_b, ax_lr = axes[0, col], axes[1, col]
-        ax_b.step(edges, np.append(per_epoch, per_epoch[-1]), where="post", color=color,
-                  linewidth=2)
-        ax_lr.step(np.append(starts, end), np.append(lrs, lrs[-1]), where="post", color=color,
-                   linewidth=2)
+        ax_b.step(
+            edges, np.append(per_epoch, per_epoch[-1]), where="post", color=color, linewidth=2
+        )
+        ax_lr.step(
+            np.append(starts, end), np.append(lrs, lrs[-1]), where="post", color=color, linewidth=2
+        )
         ax_b.set_title(name, fontsize=10)
         ax_lr.set_xlabel("epoch")
         for ax in (ax_b, ax_lr):
@@ -186,7 +206,9 @@ def _delay_text(config: CompareConfig) -> str:
 
 
 def plot_synthetic(
-    runs: Sequence[SyntheticRun], least_squares_loss: float, out: Path,
+    runs: Sequence[SyntheticRun],
+    least_squares_loss: float,
+    out: Path,
     threshold: float | None = None,
 ) -> list[Path]:
     """Training loss against model updates and against examples processed.
@@ -207,13 +229,27 @@ def plot_synthetic(
             style = SYNTHETIC_STYLES.get(run.name, {})
             # Update 0 (nothing processed yet) has no place on a log axis.
             keep = run.curve[x_key] > 0
-            ax.plot(run.curve[x_key][keep], run.curve["train_loss"][keep], label=run.name,
-                    **{"linewidth": 1.8, **style})
-        ax.axhline(least_squares_loss, color="black", linestyle="--", linewidth=1.2,
-                   label="least squares (test loss)")
+            ax.plot(
+                run.curve[x_key][keep],
+                run.curve["train_loss"][keep],
+                label=run.name,
+                **{"linewidth": 1.8, **style},
+            )
+        ax.axhline(
+            least_squares_loss,
+            color="black",
+            linestyle="--",
+            linewidth=1.2,
+            label="least squares (test loss)",
+        )
         if threshold is not None:
-            ax.axhline(threshold, color="gray", linestyle=":", linewidth=1.0,
-                       label=f"threshold {threshold:.3g}")
+            ax.axhline(
+                threshold,
+                color="gray",
+                linestyle=":",
+                linewidth=1.0,
+                label=f"threshold {threshold:.3g}",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"{x_label} (log scale)")

@@ -5,6 +5,7 @@ imports none of them: :mod:`~adadamp.experiments.compare` and
 :mod:`~adadamp.experiments.synthetic` fill these records in and call the
 plots, and the plots read them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,8 +63,17 @@ class RunResult:
 
 #: The per-epoch record of a run, in CSV column order.
 EPOCH_KEYS = (
-    "epoch", "test_accuracy", "test_loss", "train_loss", "model_updates", "examples",
-    "batch_size", "lr", "workers", "wall_clock_s", "sim_wall_clock_s",
+    "epoch",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "model_updates",
+    "examples",
+    "batch_size",
+    "lr",
+    "workers",
+    "wall_clock_s",
+    "sim_wall_clock_s",
 )
 
 

@@ -6,6 +6,7 @@ argparse type. :mod:`~adadamp.experiments.train`,
 :mod:`~adadamp.experiments.compare` and :mod:`~adadamp.experiments.synthetic`
 import it; it imports none of them.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -17,7 +17,7 @@ Hybrid*2        ``GeoDamp(2 b)``             ``40 b = 20 (2 b)``    5.1k (*2)
 
 Past its max batch size a schedule keeps the batch size at the cap and
 divides the learning rate by what the batch would have grown by (the
-max-batch-size rule of :func:`adadamp.dampers.plan_update`), so every
+max-batch-size rule of :func:`adadamp.schedule.plan_update`), so every
 schedule reduces the gradient noise by the same factor 5 at the same epochs.
 
 *Hybrid*2.* The paper's row starts at 256 and caps the batch at 5,120, that
@@ -39,6 +39,7 @@ and raises if it ever failed, rather than silently adding a fourth increase.
 For short runs fewer than three increases fit (two epochs: one increase, at
 epoch 1).
 """
+
 from __future__ import annotations
 
 import math
@@ -149,18 +150,17 @@ def smith_schedules(
         In the order of :data:`SCHEDULE_NAMES`.
     """
     _check_epochs(epochs)
-    if isinstance(initial_batch_size, bool) or not isinstance(initial_batch_size, int) \
-            or initial_batch_size < 1:
-        raise ValueError(
-            f"initial_batch_size must be an int >= 1, got {initial_batch_size!r}."
-        )
+    if (
+        isinstance(initial_batch_size, bool)
+        or not isinstance(initial_batch_size, int)
+        or initial_batch_size < 1
+    ):
+        raise ValueError(f"initial_batch_size must be an int >= 1, got {initial_batch_size!r}.")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
     delay = schedule_delay(epochs)
     if (MAX_INCREASES + 1) * delay < epochs:  # pragma: no cover - see the module docstring
-        raise AssertionError(
-            f"delay={delay} would allow a fourth increase within {epochs} epochs."
-        )
+        raise AssertionError(f"delay={delay} would allow a fourth increase within {epochs} epochs.")
     b = initial_batch_size
 
     def geo(initial: int) -> GeoDamp:

@@ -30,6 +30,7 @@ threshold crossing is located to within 4 % of the update count. These
 evaluations are not counted as examples: examples are the gradients computed
 for the model updates, the work the batch size controls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..dampers import AdaDamp, BaseDamper, Constant, GradientDescent, PadaDamp, TrainState
+from ..dampers import AdaDamp, BaseDamper, Constant, GradientDescent, PadaDamp
+from ..state import TrainState
 from .results import SyntheticRun
 from .runtime import torch_threads
 
@@ -271,7 +273,10 @@ def run_synthetic(
     from .data import least_squares_test_loss, make_linear_network_data
 
     data = make_linear_network_data(
-        n_train=config.n_train, n_test=config.n_test, d=config.d, noise=config.noise,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        d=config.d,
+        noise=config.noise,
         seed=config.seed,
     )
     X_train, X_test, y_train, y_test = data
@@ -326,8 +331,13 @@ def write_outputs(result: SyntheticResult, out: Path) -> list[Path]:
         },
         "ratios": result.ratios(),
         "runs": [
-            {"name": r.name, "model_updates": r.model_updates, "examples": r.examples,
-             "seconds": r.seconds, **{k: v.tolist() for k, v in r.curve.items()}}
+            {
+                "name": r.name,
+                "model_updates": r.model_updates,
+                "examples": r.examples,
+                "seconds": r.seconds,
+                **{k: v.tolist() for k, v in r.curve.items()},
+            }
             for r in result.runs
         ],
     }
@@ -344,15 +354,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m adadamp.experiments.synthetic",
         description="AdaDamp, PadaDamp, SGD and GD on a linear network.",
     )
-    parser.add_argument("--out", type=Path, default=Path("synthetic-out"),
-                        help="folder for the figures and synthetic.json (default synthetic-out)")
-    numeric = [(name, int) for name in
-               ("n_train", "n_test", "d", "batch_size", "epochs", "gd_epochs", "seed")]
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("synthetic-out"),
+        help="folder for the figures and synthetic.json (default synthetic-out)",
+    )
+    numeric = [
+        (name, int)
+        for name in ("n_train", "n_test", "d", "batch_size", "epochs", "gd_epochs", "seed")
+    ]
     numeric += [(name, float) for name in ("noise", "lr", "pada_rate", "threshold_factor")]
     for name, kind in numeric:
         default = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
-                            help=f"default {default}")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"default {default}"
+        )
     args = parser.parse_args(argv)
     config = SyntheticConfig(**{k: v for k, v in vars(args).items() if k != "out"})
     result = run_synthetic(config)

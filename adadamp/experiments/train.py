@@ -7,6 +7,7 @@ then the final test accuracy is printed. On 2 cores it takes about half a
 minute on the default embedded Dask cluster (mostly starting it and adding a
 worker), a few seconds with ``--backend local``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,33 @@ LR = 0.1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``adadamp train`` options to ``parser``."""
-    parser.add_argument("--epochs", type=positive_int, default=EPOCHS,
-                        help=f"epochs to train (default {EPOCHS})")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default=DEFAULT_BACKEND,
-                        help=f"who computes the model updates (default {DEFAULT_BACKEND})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the weights and of the example order (default 0)")
-    parser.add_argument("--batch-size", type=positive_int, default=INITIAL_BATCH_SIZE,
-                        help=f"initial batch size (default {INITIAL_BATCH_SIZE})")
-    parser.add_argument("--max-workers", type=positive_int, default=None,
-                        help="most Dask workers (default: the CPU cores)")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=EPOCHS, help=f"epochs to train (default {EPOCHS})"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=DEFAULT_BACKEND,
+        help=f"who computes the model updates (default {DEFAULT_BACKEND})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights and of the example order (default 0)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=INITIAL_BATCH_SIZE,
+        help=f"initial batch size (default {INITIAL_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=positive_int,
+        default=None,
+        help="most Dask workers (default: the CPU cores)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,4 +111,3 @@ def run(args: argparse.Namespace) -> int:
         f"({seconds:.1f} s)"
     )
     return 0
-

@@ -8,6 +8,7 @@
 
 The public names of the first two are importable from here.
 """
+
 from .model import (
     ARCHITECTURES,
     HIGH,

@@ -7,6 +7,7 @@ records, or a CSV with a ``batch_size`` column) or a ``GeoDamp`` schedule
 tables instead. The model itself is :mod:`adadamp.simulate.model`, the
 tables :mod:`adadamp.simulate.paper`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,49 +37,96 @@ _SCHEDULE_DEFAULTS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``simulate`` options to ``parser``."""
     net = parser.add_argument_group("network")
-    net.add_argument("--network", choices=list(sim.NETWORKS), default="decentralized-moderate",
-                     help="preset: network and architecture (default: %(default)s)")
-    net.add_argument("--architecture", choices=list(sim.ARCHITECTURES),
-                     help="replace the preset's architecture (with its default overheads)")
-    net.add_argument("--bandwidth", type=float, metavar="GBPS",
-                     help="replace the preset's bandwidth, in Gb/s")
-    net.add_argument("--latency", type=float, metavar="US",
-                     help="replace the preset's latency, in microseconds")
-    net.add_argument("--overhead", type=float, metavar="S",
-                     help="seconds of overhead per update (default: the architecture's)")
-    net.add_argument("--overhead-per-worker", type=float, metavar="S",
-                     help="seconds of overhead per update and extra worker (default: 0)")
-    net.add_argument("--rescale", type=float, metavar="S",
-                     help="seconds charged each time the worker count changes (default: 0)")
+    net.add_argument(
+        "--network",
+        choices=list(sim.NETWORKS),
+        default="decentralized-moderate",
+        help="preset: network and architecture (default: %(default)s)",
+    )
+    net.add_argument(
+        "--architecture",
+        choices=list(sim.ARCHITECTURES),
+        help="replace the preset's architecture (with its default overheads)",
+    )
+    net.add_argument(
+        "--bandwidth", type=float, metavar="GBPS", help="replace the preset's bandwidth, in Gb/s"
+    )
+    net.add_argument(
+        "--latency", type=float, metavar="US", help="replace the preset's latency, in microseconds"
+    )
+    net.add_argument(
+        "--overhead",
+        type=float,
+        metavar="S",
+        help="seconds of overhead per update (default: the architecture's)",
+    )
+    net.add_argument(
+        "--overhead-per-worker",
+        type=float,
+        metavar="S",
+        help="seconds of overhead per update and extra worker (default: 0)",
+    )
+    net.add_argument(
+        "--rescale",
+        type=float,
+        metavar="S",
+        help="seconds charged each time the worker count changes (default: 0)",
+    )
 
     run = parser.add_argument_group("run: a recorded history, or a GeoDamp schedule")
-    run.add_argument("--history", type=Path, metavar="FILE",
-                     help="JSON list of update records with batch_size, or CSV with a batch_size column")
-    run.add_argument("--recorded-workers", action="store_true",
-                     help="use the history's 'workers' instead of computing them from the batch size")
+    run.add_argument(
+        "--history",
+        type=Path,
+        metavar="FILE",
+        help="JSON list of update records with batch_size, or CSV with a batch_size column",
+    )
+    run.add_argument(
+        "--recorded-workers",
+        action="store_true",
+        help="use the history's 'workers' instead of computing them from the batch size",
+    )
     run.add_argument("--initial", type=int, help="initial batch size (default: 128)")
     run.add_argument("--factor", type=float, help="batch size growth per step (default: 5)")
     run.add_argument("--delay", type=float, help="epochs between growth steps (default: 60)")
     run.add_argument("--epochs", type=int, help="epochs (default: 200)")
     run.add_argument("--n-examples", type=int, help="training examples (default: 50000, CIFAR-10)")
-    run.add_argument("--max-batch-size", type=int,
-                     help="cap on the batch size; past it the learning rate decays instead")
+    run.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="cap on the batch size; past it the learning rate decays instead",
+    )
 
     model = parser.add_argument_group("model and workers")
-    model.add_argument("--seconds-per-example", type=float, default=sim.T4_SECONDS_PER_EXAMPLE,
-                       metavar="S", help="gradient time per example on one worker "
-                       "(default: %(default).4g, Wide-ResNet-16-4 on a T4)")
-    model.add_argument("--n-params", type=int, default=sim.WRN_16_4_PARAMS,
-                       help="model parameters (default: %(default)s)")
+    model.add_argument(
+        "--seconds-per-example",
+        type=float,
+        default=sim.T4_SECONDS_PER_EXAMPLE,
+        metavar="S",
+        help="gradient time per example on one worker "
+        "(default: %(default).4g, Wide-ResNet-16-4 on a T4)",
+    )
+    model.add_argument(
+        "--n-params",
+        type=int,
+        default=sim.WRN_16_4_PARAMS,
+        help="model parameters (default: %(default)s)",
+    )
     model.add_argument("--bytes-per-param", type=int, default=4, help="(default: %(default)s)")
-    model.add_argument("--grads-per-worker", type=int, default=128,
-                       help="examples per worker before another is added (default: %(default)s)")
+    model.add_argument(
+        "--grads-per-worker",
+        type=int,
+        default=128,
+        help="examples per worker before another is added (default: %(default)s)",
+    )
     model.add_argument("--min-workers", type=int, default=1, help="(default: %(default)s)")
     model.add_argument("--max-workers", type=int, help="(default: no cap)")
 
-    parser.add_argument("--paper", action="store_true",
-                        help="print the reproduction of the paper's tables and exit "
-                        "(only --seconds-per-example and --n-params apply)")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="print the reproduction of the paper's tables and exit "
+        "(only --seconds-per-example and --n-params apply)",
+    )
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -100,7 +148,9 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"--history: {path} is neither CSV (by its suffix) nor valid JSON: {err}.") from err
+        raise ValueError(
+            f"--history: {path} is neither CSV (by its suffix) nor valid JSON: {err}."
+        ) from err
     if not isinstance(data, list):
         raise ValueError(f"--history: {path} must hold a JSON list of update records.")
     return [dict(r) for r in sim.update_records(data)]
@@ -117,9 +167,11 @@ def _preset(args: argparse.Namespace) -> tuple[str, sim.Network, sim.Architectur
         label = "custom"
     changes = {
         name: value
-        for name, value in (("overhead_s", args.overhead),
-                            ("overhead_per_worker_s", args.overhead_per_worker),
-                            ("rescale_s", args.rescale))
+        for name, value in (
+            ("overhead_s", args.overhead),
+            ("overhead_per_worker_s", args.overhead_per_worker),
+            ("rescale_s", args.rescale),
+        )
         if value is not None
     }
     if changes or args.architecture:
@@ -141,18 +193,28 @@ def _run_description(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, 
         workers = None
         if args.recorded_workers:
             if not all("workers" in r for r in records):
-                raise ValueError("--recorded-workers: some records of the history have no 'workers'.")
+                raise ValueError(
+                    "--recorded-workers: some records of the history have no 'workers'."
+                )
             workers = np.array([int(r["workers"]) for r in records])
         return records, workers, f"history {args.history} ({len(records):,} updates)"
     if args.recorded_workers:
         raise ValueError("--recorded-workers needs --history.")
-    opts = {name: (getattr(args, name) if getattr(args, name) is not None else default)
-            for name, default in _SCHEDULE_DEFAULTS.items()}
+    opts = {
+        name: (getattr(args, name) if getattr(args, name) is not None else default)
+        for name, default in _SCHEDULE_DEFAULTS.items()
+    }
     # Integral floats become ints so that the damper prints as typed (delay=60, not 60.0).
-    delay, factor = (int(v) if float(v).is_integer() else v for v in (opts["delay"], opts["factor"]))
+    delay, factor = (
+        int(v) if float(v).is_integer() else v for v in (opts["delay"], opts["factor"])
+    )
     damper = GeoDamp(initial=opts["initial"], delay=delay, factor=factor)
     planned = sim.PlannedRun(damper, opts["n_examples"], opts["epochs"], args.max_batch_size)
-    cap = "no max batch size" if args.max_batch_size is None else f"max batch size {args.max_batch_size:,}"
+    cap = (
+        "no max batch size"
+        if args.max_batch_size is None
+        else f"max batch size {args.max_batch_size:,}"
+    )
     text = f"{damper!r}, {opts['epochs']} epochs of {opts['n_examples']:,} examples, {cap}"
     return planned, None, text
 
@@ -197,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``adadamp simulate``; 0 on success, 2 on bad input."""
     try:
         if args.paper:
-            table = paper_table(seconds_per_example=args.seconds_per_example, n_params=args.n_params)
+            table = paper_table(
+                seconds_per_example=args.seconds_per_example, n_params=args.n_params
+            )
             print(format_paper_table(table))
             return 0
         label, network, arch = _preset(args)

@@ -26,6 +26,7 @@ The defaults describe the paper's setup (a Wide-ResNet-16-4 on a T4 GPU);
 :func:`adadamp.simulate.paper.paper_table` rebuilds the paper's two tables
 with them. See ``docs/simulation.md``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -135,7 +136,9 @@ class Architecture:
         for name in ("overhead_s", "overhead_per_worker_s", "rescale_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value >= 0):
-                raise ValueError(f"{type(self).__name__}: {name} must be a number >= 0, got {value!r}.")
+                raise ValueError(
+                    f"{type(self).__name__}: {name} must be a number >= 0, got {value!r}."
+                )
 
     def communication_seconds(self, workers: Any, model_bytes: float, network: Network) -> Any:
         """Seconds of communication per update for ``workers`` (int or array)."""
@@ -164,7 +167,10 @@ class Decentralized(Architecture):
 
     def communication_seconds(self, workers: Any, model_bytes: float, network: Network) -> Any:
         p = np.asarray(workers, dtype=float)
-        seconds = 2 * (p - 1) / p * network.transfer_seconds(model_bytes) + 2 * (p - 1) * network.latency_s
+        seconds = (
+            2 * (p - 1) / p * network.transfer_seconds(model_bytes)
+            + 2 * (p - 1) * network.latency_s
+        )
         return np.where(p > 1, seconds, 0.0)
 
     def describe(self) -> str:
@@ -216,9 +222,7 @@ NETWORKS: dict[str, Preset] = {
 }
 
 
-def resolve(
-    network: Network | str, architecture: Architecture | str | None = None
-) -> Preset:
+def resolve(network: Network | str, architecture: Architecture | str | None = None) -> Preset:
     """Turn a preset name or a network plus an architecture into ``(network, architecture)``.
 
     An explicit ``architecture`` (an instance, or ``"centralized"`` /
@@ -226,12 +230,16 @@ def resolve(
     """
     if isinstance(network, str):
         if network not in NETWORKS:
-            raise ValueError(f"network: unknown preset {network!r}; choose one of {sorted(NETWORKS)}.")
+            raise ValueError(
+                f"network: unknown preset {network!r}; choose one of {sorted(NETWORKS)}."
+            )
         network, preset_arch = NETWORKS[network]
     elif isinstance(network, Network):
         preset_arch = None
     else:
-        raise TypeError(f"network must be a Network or a preset name, got {type(network).__name__}.")
+        raise TypeError(
+            f"network must be a Network or a preset name, got {type(network).__name__}."
+        )
     if isinstance(architecture, str):
         if architecture not in ARCHITECTURES:
             raise ValueError(
@@ -288,7 +296,9 @@ def update_time(
     net, arch = resolve(network, architecture)
     _check_model(seconds_per_example, n_params, bytes_per_param)
     if batch_size < 1 or workers < 1:
-        raise ValueError(f"batch_size and workers must be >= 1, got {batch_size!r} and {workers!r}.")
+        raise ValueError(
+            f"batch_size and workers must be >= 1, got {batch_size!r} and {workers!r}."
+        )
     model_bytes = n_params * bytes_per_param
     return UpdateTime(
         compute_s=float(compute_seconds(batch_size, workers, seconds_per_example)),
@@ -326,8 +336,11 @@ class PlannedRun:
     def plan(self) -> tuple[np.ndarray, np.ndarray]:
         """The batch size of every update, and the batch size its workers are sized for."""
         self.damper.validate()
-        plans = [p for epoch in plan_epochs(self.damper, self.n_examples, self.epochs,
-                                            self.max_batch_size) for p in epoch]
+        plans = [
+            p
+            for epoch in plan_epochs(self.damper, self.n_examples, self.epochs, self.max_batch_size)
+            for p in epoch
+        ]
         sizes = np.array([p.batch_size for p in plans], dtype=np.int64)
         full = np.array([p.full_batch_size for p in plans], dtype=np.int64)
         return sizes, full
@@ -354,7 +367,9 @@ def update_records(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
         elif "batches" in row:
             records.extend(update_records(row["batches"]))
         else:
-            raise ValueError(f"history[{i}] has no 'batch_size' (nor 'batches'): keys {sorted(row)}.")
+            raise ValueError(
+                f"history[{i}] has no 'batch_size' (nor 'batches'): keys {sorted(row)}."
+            )
     return records
 
 
@@ -369,7 +384,11 @@ def batch_sizes_of(updates: Updates) -> np.ndarray:
         sizes = np.asarray(updates)
     if sizes.ndim != 1 or sizes.size == 0:
         raise ValueError("batch_sizes: need a non-empty sequence of batch sizes.")
-    if not np.issubdtype(sizes.dtype, np.number) or np.any(sizes < 1) or np.any(sizes != np.round(sizes)):
+    if (
+        not np.issubdtype(sizes.dtype, np.number)
+        or np.any(sizes < 1)
+        or np.any(sizes != np.round(sizes))
+    ):
         raise ValueError("batch_sizes: every batch size must be an integer >= 1.")
     return sizes.astype(np.int64)
 
@@ -485,7 +504,9 @@ def simulate_run(
             )
     model_bytes = n_params * bytes_per_param
     compute = compute_seconds(sizes, p, seconds_per_example).astype(float)
-    comm = np.broadcast_to(arch.communication_seconds(p, model_bytes, net), sizes.shape).astype(float)
+    comm = np.broadcast_to(arch.communication_seconds(p, model_bytes, net), sizes.shape).astype(
+        float
+    )
     overhead = np.broadcast_to(arch.overhead_seconds(p), sizes.shape).astype(float)
     if arch.rescale_s:
         changed = np.concatenate([[False], p[1:] != p[:-1]])

@@ -6,10 +6,11 @@ with the model's defaults (a Wide-ResNet-16-4 on a T4 GPU), and puts the
 paper's figures next to the simulated ones; ``adadamp simulate --paper``
 prints :func:`format_paper_table` of it. See ``docs/simulation.md``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class _PaperRun:
     label: str
@@ -56,16 +56,51 @@ class _PaperRun:
 #: has two decimals in its first table). CIFAR-10, ~200 epochs, factor 5 at
 #: epochs 60, 120 and 180, 128 examples per worker.
 PAPER_RUNS: tuple[_PaperRun, ...] = (
-    _PaperRun("128", 128, 128, True, 78_200, 1,
-              {"centralized": 200.19, "decentralized-moderate": 121.7, "decentralized-high": 121.5}),
-    _PaperRun("640", 128, 640, False, 34_520, 5,
-              {"centralized": 116.86, "decentralized-moderate": 73.6, "decentralized-high": 71.8}),
-    _PaperRun("3.2k", 128, 3_200, False, 29_480, 25,
-              {"centralized": 107.17, "decentralized-moderate": 67.7, "decentralized-high": 65.5}),
-    _PaperRun("16k", 128, 16_000, False, 29_240, 125,
-              {"centralized": 107.49, "decentralized-moderate": 67.7, "decentralized-high": 65.7}),
-    _PaperRun("5.1k (*2)", 256, 5_120, False, 14_960, 40,
-              {"centralized": 69.87, "decentralized-moderate": 45.1, "decentralized-high": 43.5}),
+    _PaperRun(
+        "128",
+        128,
+        128,
+        True,
+        78_200,
+        1,
+        {"centralized": 200.19, "decentralized-moderate": 121.7, "decentralized-high": 121.5},
+    ),
+    _PaperRun(
+        "640",
+        128,
+        640,
+        False,
+        34_520,
+        5,
+        {"centralized": 116.86, "decentralized-moderate": 73.6, "decentralized-high": 71.8},
+    ),
+    _PaperRun(
+        "3.2k",
+        128,
+        3_200,
+        False,
+        29_480,
+        25,
+        {"centralized": 107.17, "decentralized-moderate": 67.7, "decentralized-high": 65.5},
+    ),
+    _PaperRun(
+        "16k",
+        128,
+        16_000,
+        False,
+        29_240,
+        125,
+        {"centralized": 107.49, "decentralized-moderate": 67.7, "decentralized-high": 65.7},
+    ),
+    _PaperRun(
+        "5.1k (*2)",
+        256,
+        5_120,
+        False,
+        14_960,
+        40,
+        {"centralized": 69.87, "decentralized-moderate": 45.1, "decentralized-high": 43.5},
+    ),
 )
 PAPER_N_EXAMPLES = 50_000
 PAPER_EPOCHS = 200
@@ -74,7 +109,7 @@ PAPER_FACTOR = 5
 PAPER_GRADS_PER_WORKER = 128
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paper_plan(initial: int, max_batch_size: int, lr_decay: bool) -> tuple[np.ndarray, np.ndarray]:
     # Planning 200 epochs walks ~78k updates in Python; the schedules are fixed, so cache them.
     damper_cls = GeoDampLR if lr_decay else GeoDamp
@@ -114,8 +149,9 @@ class PaperTable:
     n_params: int
 
 
-def _fit_overheads(base_s: np.ndarray, n_updates: np.ndarray, extra_workers: np.ndarray,
-                   target_s: np.ndarray) -> tuple[float, float]:
+def _fit_overheads(
+    base_s: np.ndarray, n_updates: np.ndarray, extra_workers: np.ndarray, target_s: np.ndarray
+) -> tuple[float, float]:
     """Least squares for ``target = base + a * n_updates + b * extra_workers``, ``a, b >= 0``."""
     features = np.stack([n_updates, extra_workers], axis=1).astype(float)
     residual = target_s - base_s
@@ -149,20 +185,27 @@ def paper_table(
       paper's five times, compute and communication held at their defaults.
       The fitted values are in ``PaperTable.fitted``.
     """
+
     def simulate(run: _PaperRun, network: Network, architecture: Architecture) -> SimResult:
         sizes, full = _paper_plan(run.initial, run.max_batch_size, run.lr_decay)
-        return simulate_run(sizes, full_batch_sizes=full, network=network, architecture=architecture,
-                            seconds_per_example=seconds_per_example, n_params=n_params,
-                            grads_per_worker=PAPER_GRADS_PER_WORKER)
+        return simulate_run(
+            sizes,
+            full_batch_sizes=full,
+            network=network,
+            architecture=architecture,
+            seconds_per_example=seconds_per_example,
+            n_params=n_params,
+            grads_per_worker=PAPER_GRADS_PER_WORKER,
+        )
 
     rows_base = [{name: simulate(run, *NETWORKS[name]) for name in NETWORKS} for run in PAPER_RUNS]
     fitted: dict[str, tuple[float, float]] = {}
     fitted_minutes: list[dict[str, float]] = [{} for _ in PAPER_RUNS]
     for name, (net, arch) in NETWORKS.items():
         # Fit on top of compute + communication only: the overheads are the unknowns.
-        base = np.array([
-            r[name].compute_s.sum() + r[name].communication_s.sum() for r in rows_base
-        ])
+        base = np.array(
+            [r[name].compute_s.sum() + r[name].communication_s.sum() for r in rows_base]
+        )
         n_updates = np.array([r[name].n_updates for r in rows_base])
         extra = np.array([float((r[name].workers - 1).sum()) for r in rows_base])
         target = np.array([run.minutes[name] * 60 for run in PAPER_RUNS])
@@ -174,18 +217,20 @@ def paper_table(
     rows = []
     for run, sims, fit in zip(PAPER_RUNS, rows_base, fitted_minutes):
         any_sim = next(iter(sims.values()))
-        rows.append(PaperRow(
-            label=run.label,
-            initial=run.initial,
-            max_batch_size=run.max_batch_size,
-            updates=any_sim.n_updates,
-            paper_updates=run.updates,
-            max_workers=any_sim.max_workers,
-            paper_max_workers=run.max_workers,
-            minutes={name: s.total_minutes for name, s in sims.items()},
-            fitted_minutes=fit,
-            paper_minutes=dict(run.minutes),
-        ))
+        rows.append(
+            PaperRow(
+                label=run.label,
+                initial=run.initial,
+                max_batch_size=run.max_batch_size,
+                updates=any_sim.n_updates,
+                paper_updates=run.updates,
+                max_workers=any_sim.max_workers,
+                paper_max_workers=run.max_workers,
+                minutes={name: s.total_minutes for name, s in sims.items()},
+                fitted_minutes=fit,
+                paper_minutes=dict(run.minutes),
+            )
+        )
     return PaperTable(rows, fitted, seconds_per_example, n_params)
 
 
@@ -211,7 +256,8 @@ def format_paper_table(table: PaperTable) -> str:
     for r in table.rows:
         # The paper's figures are printed as the paper gives them (one or two decimals).
         cells = "".join(
-            f"{r.paper_minutes[n]!s:>11}{r.minutes[n]:>8.2f}{r.fitted_minutes[n]:>8.2f}" for n in names
+            f"{r.paper_minutes[n]!s:>11}{r.minutes[n]:>8.2f}{r.fitted_minutes[n]:>8.2f}"
+            for n in names
         )
         lines.append(f"{r.label:<11}{cells}")
     lines += [
@@ -222,5 +268,7 @@ def format_paper_table(table: PaperTable) -> str:
     ]
     for n in names:
         a, b = table.fitted[n]
-        lines.append(f"  {n:<24} a = {a * 1e3:6.2f} ms/update   b = {b * 1e3:6.2f} ms per extra worker")
+        lines.append(
+            f"  {n:<24} a = {a * 1e3:6.2f} ms/update   b = {b * 1e3:6.2f} ms per extra worker"
+        )
     return "\n".join(lines)
