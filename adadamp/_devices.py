@@ -43,7 +43,8 @@ def check_device(device) -> torch.device | None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
-            f"device={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:0' or 'mps' ({exc})"
+            f"device={device!r} is not a torch device; "
+            f"pass 'cpu', 'cuda', 'cuda:0' or 'mps' ({exc})"
         ) from None
     if dev.type == "cuda":
         count = _cuda_count()

@@ -25,7 +25,7 @@ from ._checks import check_at_least, check_finite, check_int_at_least, check_pos
 from .state import TrainState
 
 
-def _param_names(cls: type) -> list[str]:
+def _param_names(cls: type[BaseDamper]) -> list[str]:
     """Constructor parameters of a damper class, in signature order."""
     return [
         p.name

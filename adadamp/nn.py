@@ -93,6 +93,13 @@ class GhostBatchNorm(nn.Module):
     torch.Size([128, 16, 8, 8])
     """
 
+    # Buffers (registered in ``__init__``): declared so that reading them
+    # through ``self`` is typed as a tensor, not as ``nn.Module.__getattr__``'s
+    # ``Tensor | Module``.
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
     def __init__(
         self,
         num_features: int,

@@ -526,7 +526,8 @@ def main(argv=None) -> dict:
                 row["seconds"]["scale"] = scale_s
                 rows.append(row)
                 print(
-                    f"n_params={n_params:>9,} P={p:2d} measured {row['measured_median_s'] * 1e3:7.1f} ms  "
+                    f"n_params={n_params:>9,} P={p:2d} "
+                    f"measured {row['measured_median_s'] * 1e3:7.1f} ms  "
                     f"bare all-reduce {row['bare_allreduce_median_s'] * 1e3:6.1f} ms  "
                     f"CPU/update/rank {row['cpu_s_per_update_per_rank'] * 1e3:6.1f} ms  "
                     f"cores busy: ranks {row['rank_cores_busy']:.2f}, machine "

@@ -382,10 +382,10 @@ def ratios_and_overheads(ms: dict[str, float]) -> tuple[dict, dict]:
     ratios, overhead = {}, {}
     for size in SIZES:
 
-        def ratio(a: str, b: str) -> float:
+        def ratio(a: str, b: str, size: str = size) -> float:
             return round(ms[f"{a}_{size}"] / ms[f"{b}_{size}"], 4)
 
-        def minus(a: str, b: str) -> float:
+        def minus(a: str, b: str, size: str = size) -> float:
             return round(ms[f"{a}_{size}"] - ms[f"{b}_{size}"], 4)
 
         ratios[f"decentralized_2w_vs_ddp_{size}"] = ratio("decentralized_2w", "ddp_2p")

@@ -20,7 +20,7 @@ __all__ = ["BACKENDS", "Engine", "TrainConfig", "UpdateRecord", "check_backend",
 
 
 def check_backend(backend: Any) -> None:
-    """Raise ``ValueError`` unless ``backend`` names an engine or is an ``Engine`` class or instance."""
+    """Raise ``ValueError`` unless ``backend`` names an engine or is an Engine class or instance."""
     if isinstance(backend, Engine) or (isinstance(backend, type) and issubclass(backend, Engine)):
         return
     if isinstance(backend, str) and backend in BACKENDS:

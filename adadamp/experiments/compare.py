@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,13 @@ class SummaryRow:
 
 
 def _load(config: CompareConfig) -> tuple[torch.Tensor, ...]:
-    from .data import load_digits_dataset, load_mnist1d_dataset
+    from .data import Split, load_digits_dataset, load_mnist1d_dataset
 
-    loader = {"digits": load_digits_dataset, "mnist1d": load_mnist1d_dataset}[config.dataset]
+    loaders: dict[str, Callable[..., Split]] = {
+        "digits": load_digits_dataset,
+        "mnist1d": load_mnist1d_dataset,
+    }
+    loader = loaders[config.dataset]
     # One fixed split for every run: seeds vary the weights and the order of
     # the examples, schedules are compared on the same test set.
     X_train, X_test, y_train, y_test = loader(seed=0)
@@ -172,7 +176,9 @@ def train_one(
     net.initialize()
     net.fit(X_train, y_train)
 
-    epochs, updates, wall = [], [], 0.0
+    epochs: list[dict[str, float]] = []
+    updates: list[dict[str, float]] = []
+    wall = 0.0
     for row in net.history:
         wall += row["dur"]
         epochs.append(

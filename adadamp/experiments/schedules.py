@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..dampers import BaseDamper, GeoDamp, GeoDampLR
+from ..dampers import GeoDamp, GeoDampLR
 
 __all__ = [
     "FACTOR",
@@ -79,8 +79,9 @@ class SmithSchedule:
     ----------
     name : str
         The label of the paper's figures (e.g. ``"Inc. BS"``).
-    damper : BaseDamper
-        The estimator's ``batch_size``.
+    damper : GeoDamp
+        The estimator's ``batch_size``: a :class:`~adadamp.dampers.GeoDamp`
+        (or its subclass :class:`~adadamp.dampers.GeoDampLR`).
     max_batch_size : int or None
         The estimator's ``max_batch_size``; ``None`` for no cap.
     lr : float
@@ -88,7 +89,7 @@ class SmithSchedule:
     """
 
     name: str
-    damper: BaseDamper
+    damper: GeoDamp
     max_batch_size: int | None
     lr: float
 

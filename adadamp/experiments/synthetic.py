@@ -191,19 +191,29 @@ class LossRecorder(BaseDamper):
         self.damper.validate()
 
     @property
+    def _wrapped(self) -> BaseDamper:
+        # The default None only exists for scikit-learn's parameter handling;
+        # validate() rejects it before an engine asks anything of the damper.
+        assert self.damper is not None, "LossRecorder: no damper to wrap."
+        return self.damper
+
+    @property
     def max_batch_size(self) -> int | None:
-        return self.damper.max_batch_size
+        return self._wrapped.max_batch_size
 
     def loss_due(self, state: TrainState) -> bool:
-        inner = self.damper.needs_loss and self.damper.loss_due(state)
+        inner = self._wrapped.needs_loss and self._wrapped.loss_due(state)
         return inner or state.model_updates in self.points
 
     def damping(self, state: TrainState) -> float:
         if state.model_updates in self.points and (
             not self.records_ or self.records_[-1][0] != state.model_updates
         ):
-            self.records_.append((state.model_updates, state.examples_seen, state.train_loss))
-        return self.damper.damping(state)
+            # loss_due was True at this update, so the engine has just evaluated the loss.
+            loss = state.train_loss
+            assert loss is not None, "the engine did not evaluate the training loss."
+            self.records_.append((state.model_updates, state.examples_seen, loss))
+        return self._wrapped.damping(state)
 
 
 def probe_points(max_updates: int, dense: int = 50, per_decade: int = 60) -> frozenset[int]:
@@ -360,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("synthetic-out"),
         help="folder for the figures and synthetic.json (default synthetic-out)",
     )
-    numeric = [
+    numeric: list[tuple[str, type[int] | type[float]]] = [
         (name, int)
         for name in ("n_train", "n_test", "d", "batch_size", "epochs", "gd_epochs", "seed")
     ]

@@ -200,7 +200,8 @@ def _run_description(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, 
         return records, workers, f"history {args.history} ({len(records):,} updates)"
     if args.recorded_workers:
         raise ValueError("--recorded-workers needs --history.")
-    opts = {
+    # Any: the options mix ints (initial, epochs, n_examples) and floats (factor, delay).
+    opts: dict[str, Any] = {
         name: (getattr(args, name) if getattr(args, name) is not None else default)
         for name, default in _SCHEDULE_DEFAULTS.items()
     }
@@ -226,10 +227,11 @@ def format_result(result: sim.SimResult, label: str, run_text: str) -> str:
     model_mb = p["n_params"] * p["bytes_per_param"] / 1e6
     lines = [
         f"network:  {label}: {net.describe()}; {arch.describe()}",
-        f"overhead: {arch.overhead_s * 1e3:.2f} ms/update + {arch.overhead_per_worker_s * 1e3:.2f} ms "
-        f"per extra worker; {arch.rescale_s:g} s per rescale",
-        f"model:    {p['n_params']:,} parameters x {p['bytes_per_param']} bytes = {model_mb:.1f} MB; "
-        f"{p['seconds_per_example'] * 1e3:.4f} ms per example",
+        f"overhead: {arch.overhead_s * 1e3:.2f} ms/update + "
+        f"{arch.overhead_per_worker_s * 1e3:.2f} ms per extra worker; "
+        f"{arch.rescale_s:g} s per rescale",
+        f"model:    {p['n_params']:,} parameters x {p['bytes_per_param']} bytes = "
+        f"{model_mb:.1f} MB; {p['seconds_per_example'] * 1e3:.4f} ms per example",
         f"run:      {run_text}",
         f"          {result.n_updates:,} updates, {result.examples:,} examples, "
         f"up to {result.max_workers} workers",
@@ -247,7 +249,8 @@ def format_result(result: sim.SimResult, label: str, run_text: str) -> str:
             f"{result.overhead_s[m].sum() / 60:>10.2f}{result.update_seconds[m].sum() / 60:>10.2f}"
         )
     lines.append(
-        f"{'total':>7}{result.n_updates:>10,}{'':>14}{result.total_seconds / result.n_updates:>10.4f}"
+        f"{'total':>7}{result.n_updates:>10,}{'':>14}"
+        f"{result.total_seconds / result.n_updates:>10.4f}"
         f"{result.compute_s.sum() / 60:>10.2f}{result.communication_s.sum() / 60:>9.2f}"
         f"{result.overhead_s.sum() / 60:>10.2f}{result.total_minutes:>10.2f}"
     )

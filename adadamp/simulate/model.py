@@ -32,7 +32,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +135,9 @@ class Architecture:
     def __post_init__(self) -> None:
         for name in ("overhead_s", "overhead_per_worker_s", "rescale_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value >= 0):
+            # typeshed's numbers stub is incomplete (it says so): Real declares only < and
+            # <=, while the real types (int, float, Fraction, NumPy scalars) support >=.
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value >= 0):  # type: ignore[operator]
                 raise ValueError(
                     f"{type(self).__name__}: {name} must be a number >= 0, got {value!r}."
                 )
@@ -349,7 +351,7 @@ class PlannedRun:
         return self.plan()[0]
 
 
-Updates = Union[Sequence[int], np.ndarray, Sequence[Mapping[str, Any]], PlannedRun]
+Updates = Sequence[int] | np.ndarray | Sequence[Mapping[str, Any]] | PlannedRun
 
 
 def update_records(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -485,7 +487,8 @@ def simulate_run(
         full = np.asarray(full_batch_sizes, dtype=np.int64)
         if full.shape != sizes.shape or np.any(full < 1):
             raise ValueError(
-                f"full_batch_sizes: need one size >= 1 per update ({sizes.size}), got shape {full.shape}."
+                f"full_batch_sizes: need one size >= 1 per update ({sizes.size}), "
+                f"got shape {full.shape}."
             )
     if workers is None:
         if not (isinstance(grads_per_worker, int) and grads_per_worker >= 1):

@@ -237,13 +237,16 @@ def paper_table(
 def format_paper_table(table: PaperTable) -> str:
     """The paper table as plain text: schedules, then minutes paper | model | fitted."""
     lines = [
-        f"Schedules: CIFAR-10 (n={PAPER_N_EXAMPLES:,}), {PAPER_EPOCHS} epochs, batch x{PAPER_FACTOR} "
-        f"every {PAPER_DELAY} epochs up to the max batch size, {PAPER_GRADS_PER_WORKER} examples per worker",
-        "(past its max batch size a schedule decays the learning rate instead; the 128 row only does that)",
+        f"Schedules: CIFAR-10 (n={PAPER_N_EXAMPLES:,}), {PAPER_EPOCHS} epochs, "
+        f"batch x{PAPER_FACTOR} every {PAPER_DELAY} epochs up to the max batch size, "
+        f"{PAPER_GRADS_PER_WORKER} examples per worker",
+        "(past its max batch size a schedule decays the learning rate instead; "
+        "the 128 row only does that)",
         f"Model: {table.n_params:,} parameters, {table.seconds_per_example * 128 * 1e3:.2f} ms "
         "of compute per 128 examples",
         "",
-        f"{'max batch':<11}{'initial':>8}{'updates':>10}{'paper':>10}{'max workers':>13}{'paper':>7}",
+        f"{'max batch':<11}{'initial':>8}{'updates':>10}{'paper':>10}"
+        f"{'max workers':>13}{'paper':>7}",
     ]
     for r in table.rows:
         lines.append(
@@ -264,7 +267,8 @@ def format_paper_table(table: PaperTable) -> str:
         "",
         "model:  defaults, nothing fitted (centralized overhead = measured "
         f"{PAPER_CENTRALIZED_OVERHEAD_S * 1e3:.2f} ms/update, decentralized overhead = 0)",
-        "fitted: overhead(P) = a + b (P - 1) per update, a, b >= 0 by least squares on the paper's five times:",
+        "fitted: overhead(P) = a + b (P - 1) per update, a, b >= 0 by least squares "
+        "on the paper's five times:",
     ]
     for n in names:
         a, b = table.fitted[n]
