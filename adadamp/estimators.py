@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from .dampers import BaseDamper
 from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
 from .examples import TensorExamples
 from .state import TrainState
+
+if TYPE_CHECKING:
+    from skorch.history import History
 
 # Batch size of prediction and validation passes: only memory depends on it.
 PREDICT_BATCH_SIZE = 1024
@@ -48,6 +52,19 @@ class _DampedNetMixin:
     """What DaskClassifier and DaskRegressor add to their skorch base class."""
 
     prefixes_ = NeuralNet.prefixes_ + ["batch_size"]
+
+    if TYPE_CHECKING:
+        # Provided by the skorch net this is mixed into (NeuralNet), except
+        # ``_prepare_target``, which DaskClassifier and DaskRegressor define.
+        batch_size: int | BaseDamper | type[BaseDamper]
+        device: str | torch.device | None
+        history: History
+        module_: torch.nn.Module
+        verbose: int
+
+        def get_params_for(self, prefix: str) -> dict[str, Any]: ...
+
+        def _prepare_target(self, y: torch.Tensor) -> torch.Tensor: ...
 
     def _init_damped_params(
         self,
@@ -72,9 +89,9 @@ class _DampedNetMixin:
 
     @property
     def _default_callbacks(self):
-        # The resume snapshot is a dict: keep it out of the printed table.
+        # The resume snapshot and the rescales are not scalars: keep them out of the table.
         return [
-            (name, PrintLog(keys_ignored=["train_state", "epochs", "examples"]))
+            (name, PrintLog(keys_ignored=["train_state", "epochs", "examples", "rescales"]))
             if name == "print_log"
             else (name, cb)
             for name, cb in super()._default_callbacks
@@ -216,9 +233,12 @@ class _DampedNetMixin:
                 stacklevel=4,
             )
 
-    def _train_config(self) -> TrainConfig:
+    def _train_config(self, epochs: int) -> TrainConfig:
+        # _resume_or_start_state sets the seed before any engine starts.
+        assert self.seed_ is not None, "the training state has not been set up."
         return TrainConfig(
             seed=self.seed_,
+            epochs=epochs,
             max_batch_size=self.max_batch_size,
             worker_max_batch_size=self.worker_max_batch_size,
             grads_per_worker=self.grads_per_worker,
@@ -278,7 +298,7 @@ class _DampedNetMixin:
         self.fit_id_: str | None = None
         try:
             engine.start(
-                self._train_config(),
+                self._train_config(epochs),
                 self.module_,
                 self.optimizer_,
                 self.criterion_,
@@ -333,6 +353,8 @@ class _DampedNetMixin:
         history.record("batch_size", max(u["train_batch_size"] for u in updates))
         history.record("lr", updates[-1]["lr"])
         history.record("workers", max(u["workers"] for u in updates))
+        # Each change of the worker count, with the seconds training stalled for it.
+        history.record("rescales", engine.drain_rescales())
         history.record("model_updates", state.model_updates)
         history.record("examples", state.examples_seen)
         history.record("epochs", state.epochs)
@@ -378,7 +400,7 @@ _DAMPED_DOC = """
     worker_max_batch_size : int or None, default=None
         Largest micro-batch one worker computes at once; larger slices
         accumulate gradients over several.
-    backend : {"auto", "local", "centralized", "decentralized"}, Engine class or instance, default="auto"
+    backend : {"auto", "local", "centralized", "decentralized"} or Engine, default="auto"
         Who computes the updates. ``"auto"`` is ``"decentralized"`` when a
         ``client`` is given or a Dask client exists, else ``"local"``. An
         :class:`adadamp.engines.Engine` subclass (built without arguments) or

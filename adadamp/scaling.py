@@ -27,6 +27,50 @@ def workers_for(
     return wanted
 
 
+class WorkerCountRule:
+    """When the worker count follows the wanted count: hysteresis against flapping.
+
+    A batch size that moves with a noisy signal (adaptive dampers) would
+    otherwise restart the workers at every wobble across a multiple of
+    ``grads_per_worker``. The count changes
+
+    - at once when ``immediate`` (a planned schedule: its changes are meant),
+      or when the wanted count is at least ``margin`` times the current one,
+      or at most the current one divided by ``margin``;
+    - otherwise once the wanted count has differed from the current one for
+      ``patience`` updates in a row.
+
+    Every rank of a decentralized segment applies the rule to the same
+    sequence of batch sizes, so all ranks decide alike without talking.
+
+    Parameters
+    ----------
+    current : int
+        The worker count in use.
+    immediate : bool, default False
+    patience : int, default 8
+    margin : float, default 2.0
+    """
+
+    def __init__(
+        self, current: int, immediate: bool = False, patience: int = 8, margin: float = 2.0
+    ):
+        self.current = current
+        self.immediate = immediate
+        self.patience = patience
+        self.margin = margin
+        self._streak = 0
+
+    def changes(self, wanted: int) -> bool:
+        """Whether the count should become ``wanted`` before the next update."""
+        if wanted == self.current:
+            self._streak = 0
+            return False
+        self._streak += 1
+        far = wanted >= self.margin * self.current or wanted * self.margin <= self.current
+        return self.immediate or far or self._streak >= self.patience
+
+
 # --- Making a cluster have the workers a batch size calls for ---------------
 
 #: Worker states in which a worker takes no new tasks: it is leaving.
@@ -92,16 +136,18 @@ class WorkerScaler:
     Notes
     -----
     If the handle's cluster object can scale (``client.cluster.scale``
-    exists), :meth:`scale_to` calls ``cluster.scale(n)`` and waits until the
-    scheduler lists exactly ``n`` workers. Otherwise (a client connected to an
-    address has no cluster object) the workers cannot be changed from here,
-    and :meth:`scale_to` returns ``min(n, workers available)``: the engine
-    then runs on that many.
+    exists), :meth:`scale_to` calls ``cluster.scale(max(n, keep))`` and waits
+    until the scheduler lists exactly that many workers; the engine runs on
+    the first ``n``. Workers asked for ahead with :meth:`request` are found
+    ready. Otherwise (a client connected to an address has no cluster object)
+    the workers cannot be changed from here, and :meth:`scale_to` returns
+    ``min(n, workers available now)``, counted afresh at every call so that
+    workers that join mid-fit are used.
 
-    The scaler acts only when the wanted count differs from the last one it
-    set, so asking for the same count every update costs nothing and does not
-    restart workers; call :meth:`reset` to make it look again (e.g. after a
-    worker was lost).
+    A scalable cluster is acted on only when the wanted count differs from the
+    last one set, so asking for the same count every update costs nothing and
+    does not restart workers; call :meth:`reset` to make it look again (e.g.
+    after a worker was lost).
     """
 
     def __init__(self, handle: ClusterHandle, timeout: float = 60.0, poll_interval: float = 0.05):
@@ -112,6 +158,11 @@ class WorkerScaler:
         self.poll_interval = poll_interval
         self._target: int | None = None  # the count last set, None: none yet
         self._n_workers: int | None = None  # the count the engine may use
+        self.keep = 0
+        """The cluster is not shrunk below this (workers the rest of the fit will need)."""
+        self._requested: tuple[int, float] | None = None  # (count, monotonic time) asked ahead
+        self.start_latency_s: float | None = None
+        """Seconds from asking for a worker to its joining, as last measured on this cluster."""
 
     @property
     def client(self) -> Client:
@@ -144,6 +195,32 @@ class WorkerScaler:
         self._target = None
         self._n_workers = None
 
+    def request(self, n_workers: int) -> None:
+        """Ask the cluster to grow to ``n_workers`` now, without waiting for them.
+
+        The engines call this ahead of a planned growth, so that the workers
+        have started when the schedule needs them; :meth:`scale_to` then finds
+        them ready. A cluster that cannot scale from here is left alone.
+        """
+        if self.handle.max_workers is not None:
+            n_workers = min(n_workers, self.handle.max_workers)
+        if not self.can_scale or n_workers <= len(available_workers(self.client)):
+            return
+        # Kept while the fit runs: a later, smaller scale_to must not cancel it.
+        self.keep = max(self.keep, n_workers)
+        if self._requested is None or self._requested[0] < n_workers:
+            assert self.handle.cluster is not None  # can_scale said so
+            self.handle.cluster.scale(max(n_workers, self._target or 0))
+            self._requested = (n_workers, time.monotonic())
+
+    def _note_arrivals(self) -> None:
+        """Measure the start latency once the workers asked for ahead have joined."""
+        if self._requested is not None:
+            count, asked = self._requested
+            if len(available_workers(self.client)) >= count:
+                self.start_latency_s = time.monotonic() - asked
+                self._requested = None
+
     def scale_to(self, n_workers: int) -> int:
         """Make the cluster have ``n_workers`` workers, as far as it can.
 
@@ -172,40 +249,59 @@ class WorkerScaler:
         wanted = n_workers
         if self.handle.max_workers is not None:
             wanted = min(wanted, self.handle.max_workers)
+        if not self.can_scale:
+            # Workers come and go by themselves (a cluster reached by address):
+            # count them afresh, so that ones that joined mid-fit are used.
+            self._target = wanted
+            self._n_workers = min(wanted, self._count_or_wait_for_one())
+            return self._n_workers
+        self._note_arrivals()
         if wanted == self._target and self._n_workers is not None:
             return self._n_workers
 
         # Until the count is reached, a failure must not leave a stale target
         # that would stop the next call from trying again.
         self.reset()
-        if self.can_scale:
-            self._scale_cluster(wanted)
-            usable = wanted
-        else:
-            usable = min(wanted, self._count_or_wait_for_one())
+        have = len(available_workers(self.client))
+        asked = self._requested[0] if self._requested is not None else 0
+        if wanted > have:
+            # Grow, to what was asked ahead if that is more; run once ``wanted`` are in.
+            began = time.monotonic()
+            self._scale_cluster(max(wanted, asked), until=wanted)
+            if self._requested is None:
+                self.start_latency_s = time.monotonic() - began
+        elif max(wanted, self.keep, asked) < have:
+            # Shrink, but keep the workers the rest of the fit needs.
+            self._scale_cluster(max(wanted, self.keep, asked))
+        self._note_arrivals()
         self._target = wanted
-        self._n_workers = usable
-        return usable
+        self._n_workers = wanted
+        return wanted
 
-    def _scale_cluster(self, wanted: int) -> None:
+    def _scale_cluster(self, size: int, until: int | None = None) -> None:
+        """Scale the cluster to ``size``; wait for ``until`` workers (default: exactly ``size``)."""
         deadline = time.monotonic() + self.timeout
         before = len(available_workers(self.client))
-        self.handle.cluster.scale(wanted)
+        assert self.handle.cluster is not None  # can_scale said so
+        self.handle.cluster.scale(size)
         try:
-            if wanted > before:
-                self.client.wait_for_workers(wanted, timeout=self.timeout)
+            if until is not None:
+                self.client.wait_for_workers(until, timeout=self.timeout)
+                return
+            if size > before:
+                self.client.wait_for_workers(size, timeout=self.timeout)
             # Growing may overshoot while workers from an earlier shrink are
             # still leaving; shrinking ends when the leavers are gone. Both:
             # wait for the exact count.
-            while (have := len(available_workers(self.client))) != wanted:
+            while (have := len(available_workers(self.client))) != size:
                 if time.monotonic() > deadline:
                     raise TimeoutError
                 time.sleep(self.poll_interval)
         except TimeoutError:
             have = len(available_workers(self.client))
             raise TimeoutError(
-                f"wanted {wanted} Dask workers (from {before}) but the cluster has {have} after "
-                f"{self.timeout} s. Give the cluster more time (timeout), lower max_workers, "
+                f"wanted {until or size} Dask workers (from {before}) but the cluster has {have} "
+                f"after {self.timeout} s. Give the cluster more time (timeout), lower max_workers, "
                 "or check that it has the cores and memory for that many workers (see its logs)"
             ) from None
 

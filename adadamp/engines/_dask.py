@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from distributed import wait
 from torch import nn
 
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
 from ..examples import Examples
 from ..scaling import WorkerScaler
-from ..schedule import next_update
+from ..schedule import advance, next_update
 from ..state import TrainState
 from . import _worker
 from .base import Engine, TrainConfig
+
+# Seconds a new worker is assumed to take to join, until one was measured.
+DEFAULT_START_LATENCY_S = 5.0
+# Updates planned ahead at most (the rest of a long fit is planned in turn).
+MAX_PLANNED_UPDATES = 20_000
 
 
 def _hold(value):
@@ -42,6 +49,8 @@ class DaskEngine(Engine):
     def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
         self.payload_future = None
+        self.rescales: list[dict] = []
+        self._rescale_began: tuple[dict, float] | None = None
 
     def start(
         self,
@@ -68,6 +77,9 @@ class DaskEngine(Engine):
         )
         self.client = handle.client
         self.scaler = WorkerScaler(handle)
+        # A fit grows the cluster it is given as it needs, and shrinks it no
+        # further than it found it: those workers were there for a reason.
+        self._found_workers = self.scaler.keep = self.scaler.n_workers
         self._payload = _worker.FitPayload(
             fit_id=self.fit_id,
             module=copy.deepcopy(module).cpu(),
@@ -77,12 +89,32 @@ class DaskEngine(Engine):
             config=config,
         )
         self.payload_future = None
+        self.rescales = []
+        self.epochs_run = 0
+        self._timed = (0.0, 0)  # (seconds, examples) of the updates finished so far
         self.ensure_payload()
 
     def ensure_payload(self) -> _worker.PayloadRef:
-        """The payload's handle (created on first use)."""
+        """The payload's handle (created on first use).
+
+        Raises the cluster's error at once when the payload cannot be built
+        there (a scheduler or worker that cannot unpickle the module, a worker
+        that dies holding it): workers waiting for it would wait forever.
+        """
         if self.payload_future is None:
-            self.payload_future = self.hold(self._payload)
+            future = self.hold(self._payload)
+            with self.client.as_current():
+                wait([future])
+            if future.status == "error":
+                error = future.exception()
+                future.release()
+                raise RuntimeError(
+                    f"The Dask cluster could not hold the fit's module and data: {error!r}. "
+                    "Check that the workers (and the scheduler) can import every class "
+                    "the module, criterion and optimizer use."
+                ) from error
+            self.payload_future = future
+            assert self.fit_id is not None  # start() named the fit
             self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
             self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
         return self.payload_ref
@@ -99,6 +131,81 @@ class DaskEngine(Engine):
     def scale_to(self, workers: int) -> int:
         """Give the cluster ``workers`` workers, as far as it can."""
         return self.scaler.scale_to(workers)
+
+    # ------------------------------------------------------------ rescales
+    def note_rescale(self, update: int, workers_from: int, workers_to: int) -> None:
+        """A rescale begins now, after update ``update``; its stall is measured on resuming."""
+        self._rescale_began = (
+            {"update": update, "from": workers_from, "to": workers_to},
+            time.perf_counter(),
+        )
+
+    def note_resumed(self, training_seconds: float) -> None:
+        """The updates after a rescale came back, having computed for ``training_seconds``."""
+        if self._rescale_began is not None:
+            event, began = self._rescale_began
+            stall = time.perf_counter() - began - training_seconds
+            self.rescales.append({**event, "seconds": max(0.0, stall)})
+            self._rescale_began = None
+
+    def drain_rescales(self) -> list[dict]:
+        rescales, self.rescales = self.rescales, []
+        return rescales
+
+    # ------------------------------------------------------------ planning ahead
+    def plan_ahead(self, damper: BaseDamper, state: TrainState, offset: int) -> None:
+        """Ask for the workers a planned schedule will soon need; keep those it needs later.
+
+        For a damper that does not look at the model, the worker count of every
+        coming update is known. The workers needed within the next epoch, or
+        within twice the measured start latency of a worker at the measured
+        training speed (whichever covers more updates), are asked for now,
+        without waiting, so that they have started when the schedule needs
+        them; and the cluster is not shrunk below what the rest of this fit
+        needs (no worker is retired only to be started again). Adaptive
+        dampers are followed as they go.
+        """
+        if damper.adaptive or not self.scaler.can_scale:
+            return
+        epochs_left = max(1, (self.config.epochs or 1) - self.epochs_run)
+        planned = self.planned_workers(damper, state, offset, epochs_left)
+        if not planned:
+            return
+        self.scaler.keep = max(self._found_workers, *(workers for workers, _ in planned))
+        latency = self.scaler.start_latency_s or DEFAULT_START_LATENCY_S
+        seconds, examples_timed = self._timed
+        speed = examples_timed / seconds if seconds > 0 else None
+        horizon = self.n_examples if speed is None else max(self.n_examples, 2 * latency * speed)
+        soon, examples = 1, 0
+        for workers, batch in planned:
+            soon, examples = max(soon, workers), examples + batch
+            if examples >= horizon:
+                break
+        self.scaler.request(soon)
+
+    def note_progress(self, records: list) -> None:
+        """Count the training time and examples of finished updates (the speed plan_ahead uses)."""
+        seconds, examples = self._timed
+        self._timed = (
+            seconds + sum(r.duration for r in records),
+            examples + sum(r.batch_size for r in records),
+        )
+
+    def planned_workers(
+        self, damper: BaseDamper, state: TrainState, offset: int, epochs: int
+    ) -> list[tuple[int, int]]:
+        """``(workers, batch size)`` of the next updates over ``epochs`` epochs (capped)."""
+        damper, state = copy.deepcopy(damper), copy.deepcopy(state)
+        n, epoch = state.n_examples, 0
+        planned: list[tuple[int, int]] = []
+        while epoch < epochs and len(planned) < MAX_PLANNED_UPDATES:
+            plan = next_update(damper, state, self.config.max_batch_size, offset)
+            planned.append((self.config.workers_for(plan.full_batch_size), plan.batch_size))
+            advance(state, plan.batch_size)
+            offset += plan.batch_size
+            if offset >= n:
+                offset, epoch = 0, epoch + 1
+        return planned
 
     def guess_workers(self, damper: BaseDamper, state: TrainState, offset: int) -> int:
         """The worker count the next update will want, without touching the damper.

@@ -7,7 +7,7 @@ divergence, take the optimizer step, compute the gradient statistics, and
 record it. The local engine runs this loop with one rank and no reduction;
 the decentralized engine runs it on every rank with an all-reduce; the
 centralized engine calls its pieces (:func:`rank_gradient`, :func:`step`,
-:func:`loss_shares`) from its Dask tasks. A change to what an update computes
+:func:`loss_chunks`, :func:`chunk_loss`) from its Dask tasks. A change to what an update computes
 or records is one edit here.
 """
 
@@ -50,32 +50,40 @@ class Reducer:
         """Replace ``tensor`` by its sum over the ranks."""
 
 
-def loss_shares(
-    config: TrainConfig, damper: BaseDamper, state: TrainState, n: int, world: int
+def loss_chunks(
+    config: TrainConfig, damper: BaseDamper, state: TrainState, n: int
 ) -> list[np.ndarray]:
-    """The examples of the damper's loss estimate, split into ``world`` contiguous shares."""
+    """The examples of the damper's loss estimate, in fixed chunks.
+
+    The chunks (of ``worker_max_batch_size`` or ``EVAL_CHUNK`` examples) do
+    not depend on how many ranks or workers share them out, and each chunk's
+    sum is computed alone and added in a fixed order, so the estimate, and
+    the batch size an adaptive damper derives from it, is the same bit for
+    bit on any number of workers.
+    """
     idx = _step.loss_indices(config.seed, state.model_updates, n, damper.loss_fraction)
-    return [idx[lo:hi] for lo, hi in _step.split_slices(len(idx), world)]
+    size = config.worker_max_batch_size or _step.EVAL_CHUNK
+    return [idx[start : start + size] for start in range(0, len(idx), size)]
 
 
-def loss_share(model: RankModel, indices: np.ndarray) -> float:
-    """The summed loss over ``indices`` (eval mode, no gradients)."""
-    if not len(indices):
-        return 0.0
+def chunk_loss(model: RankModel, indices: np.ndarray) -> float:
+    """The summed loss over one chunk of ``indices`` (eval mode, no gradients)."""
     X, y = model.examples.take(torch.from_numpy(indices).to(model.examples.device))
-    chunk = model.config.worker_max_batch_size or _step.EVAL_CHUNK
-    return _step.loss_sum(model.module, model.criterion, X, y, chunk)
+    return _step.loss_sum(model.module, model.criterion, X, y, len(indices))
 
 
 def training_loss(
     model: RankModel, damper: BaseDamper, state: TrainState, reducer: Reducer
 ) -> float:
-    """The damper's training loss: each rank evaluates its share, one reduction adds them."""
-    shares = loss_shares(model.config, damper, state, len(model.examples), reducer.world)
-    total = torch.zeros(1, dtype=torch.float64, device=model.examples.device)
-    total[0] = loss_share(model, shares[reducer.rank])
-    reducer.all_reduce(total)
-    return float(total[0]) / sum(len(s) for s in shares)
+    """The damper's training loss: each rank sums its chunks, one reduction gathers them."""
+    chunks = loss_chunks(model.config, damper, state, len(model.examples))
+    sums = torch.zeros(len(chunks), dtype=torch.float64, device=model.examples.device)
+    lo, hi = _step.split_slices(len(chunks), reducer.world)[reducer.rank]
+    for i in range(lo, hi):
+        sums[i] = chunk_loss(model, chunks[i])
+    # Each entry has one contributor, so the reduction adds only zeros to it.
+    reducer.all_reduce(sums)
+    return float(sums.sum()) / sum(len(c) for c in chunks)
 
 
 def rank_gradient(model: RankModel, indices: torch.Tensor) -> float:

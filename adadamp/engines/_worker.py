@@ -164,11 +164,34 @@ def export_state(model: WorkerModel) -> tuple[dict, dict]:
     return module_state, optimizer_state
 
 
-def free_port() -> int:
-    """A TCP port free on this worker's machine right now (for a process group)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+# token -> the listening socket a segment's rendezvous store will take over.
+_RENDEZVOUS: dict[str, socket.socket] = {}
+
+
+def open_rendezvous(token: str) -> tuple[str, int]:
+    """Bind a listening socket for a segment's store on this worker's own address.
+
+    The address is the one Dask reaches this worker at, not every interface;
+    the socket stays bound until rank 0 hands it to ``torch.distributed.TCPStore``
+    (:func:`take_rendezvous`), so no other process can take the port between
+    choosing and listening. Returns ``(host, port)`` for the other ranks.
+    """
+    from urllib.parse import urlparse
+
+    from distributed import get_worker
+
+    host = urlparse(get_worker().address).hostname or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    _RENDEZVOUS[token] = sock
+    return host, sock.getsockname()[1]
+
+
+def take_rendezvous(token: str) -> socket.socket:
+    """The socket :func:`open_rendezvous` bound for ``token`` (the caller closes it)."""
+    return _RENDEZVOUS.pop(token)
 
 
 def data_arrivals(fit_id: str) -> int:
@@ -179,5 +202,7 @@ def data_arrivals(fit_id: str) -> int:
 def release(fit_id: str) -> None:
     """Forget a finished fit's module and data, and give the memory back."""
     _MODELS.pop(fit_id, None)
+    for token in [t for t in _RENDEZVOUS if t.startswith(fit_id)]:
+        _RENDEZVOUS.pop(token).close()
     if _ALLOCATOR_TUNED:
         ctypes.CDLL(None).malloc_trim(0)

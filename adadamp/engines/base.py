@@ -26,6 +26,8 @@ class TrainConfig:
     min_workers: int = 1
     max_workers: int | None = None
     device: str = "cpu"
+    epochs: int | None = None
+    """How many epochs the fit runs: engines plan the workers a schedule needs ahead."""
 
     def workers_for(self, batch_size: int) -> int:
         """The worker count an update of ``batch_size`` examples wants."""
@@ -85,6 +87,13 @@ class Engine:
         self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
     ) -> None:
         raise NotImplementedError
+
+    def drain_rescales(self) -> list[dict]:
+        """The rescales since the last call: ``{"update", "from", "to", "seconds"}`` each.
+
+        ``seconds`` is how long training stalled for it. In-process engines never rescale.
+        """
+        return []
 
     def close(self) -> None:
         """Release whatever :meth:`start` acquired (idempotent)."""

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from ..dampers import BaseDamper
+from ..scaling import WorkerCountRule
 from ..schedule import UpdatePlan, advance, epoch_permutation, next_update
 from ..state import TrainState
 from . import _step, _worker
 from ._dask import DaskEngine
-from ._loop import loss_share, loss_shares, rank_gradient, step
+from ._loop import chunk_loss, loss_chunks, rank_gradient, step
 from .base import OnUpdate, UpdateRecord
 
 
@@ -103,16 +104,25 @@ def update_task(
     return new, weights_of(new), UpdateInfo(loss, stats, time.time())
 
 
-def loss_task(payload: _worker.PayloadRef, weights: Weights, indices) -> float:
+def loss_task(payload: _worker.PayloadRef, weights: Weights, chunks: list) -> list[float]:
+    """The summed loss of each chunk, at ``weights``."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, weights.module_state, None, weights.token)
-    return loss_share(model, indices)
+    return [chunk_loss(model, chunk) for chunk in chunks]
 
 
 class CentralizedEngine(DaskEngine):
     """A parameter server on Dask futures: ``P`` gradient tasks and one update task per update."""
 
     name = "centralized"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rule: WorkerCountRule | None = None  # the worker count in use, and when it moves
+
+    def start(self, *args, **kwargs) -> None:
+        self._rule = None
+        super().start(*args, **kwargs)
 
     def run_epoch(
         self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
@@ -149,18 +159,29 @@ class CentralizedEngine(DaskEngine):
                 state.last_loss, state.grad_stats = infos[-1].loss, infos[-1].grad_stats
             pending.clear()
 
-        offset, last_wanted = 0, None
+        offset = 0
+        self.plan_ahead(damper, state, 0)
         while offset < n:
             if damper.needs_loss and damper.loss_due(state):
                 flush()
                 state.train_loss = self._training_loss(damper, state, weights)
             plan = next_update(damper, state, config.max_batch_size, offset)
             wanted = config.workers_for(plan.full_batch_size)
-            if wanted != last_wanted:
+            if self._rule is None:
+                self._rule = WorkerCountRule(self.scale_to(wanted), immediate=not damper.adaptive)
+            elif self._rule.changes(wanted):
                 flush()  # rescale between updates, never under running tasks
-                self.scale_to(wanted)
-                last_wanted = wanted
-            workers = self.scaler.workers()
+                began, before = time.perf_counter(), self._rule.current
+                self._rule = WorkerCountRule(self.scale_to(wanted), immediate=not damper.adaptive)
+                self.rescales.append(
+                    {
+                        "update": state.model_updates,
+                        "from": before,
+                        "to": self._rule.current,
+                        "seconds": time.perf_counter() - began,
+                    }
+                )
+            workers = self.scaler.workers()[: self._rule.current]
             batch = order[offset : offset + plan.batch_size]
             grads = [
                 # clone: a slice is a view, and would pickle the whole permutation.
@@ -200,20 +221,23 @@ class CentralizedEngine(DaskEngine):
         flush()
         final = server.result()
         self.adopt_state(final.module_state, final.optimizer_state)
+        self.epochs_run += 1
 
     def _training_loss(self, damper: BaseDamper, state: TrainState, weights) -> float:
-        workers = self.scaler.workers() or [None]
-        shares = loss_shares(self.config, damper, state, self.n_examples, len(workers))
+        workers = self.scaler.workers()
+        chunks = loss_chunks(self.config, damper, state, self.n_examples)
         parts = [
             self.client.submit(
                 loss_task,
                 self.ensure_payload(),
                 weights,
-                share,
-                workers=[w] if w else None,
+                chunks[lo:hi],
+                workers=[w],
                 allow_other_workers=True,
                 pure=False,
             )
-            for w, share in zip(workers, shares)
+            for w, (lo, hi) in zip(workers, _step.split_slices(len(chunks), len(workers)))
         ]
-        return sum(self.client.gather(parts)) / sum(len(s) for s in shares)
+        # Summed in chunk order, as every engine does.
+        sums = [s for part in self.client.gather(parts) for s in part]
+        return float(torch.tensor(sums, dtype=torch.float64).sum()) / sum(len(c) for c in chunks)

@@ -1,22 +1,34 @@
 """The decentralized engine: an all-reduce among Dask workers, no parameter server.
 
-Each worker runs one long task per *segment*: a run of updates at one worker
-count. Every rank holds the same weights, optimizer state and damper; per
-update it sums gradients over its slice of the batch, one
-``all_reduce`` adds the sums (and the loss and gradient statistics riding in
-the same buffer), and every rank takes the same optimizer step. Since all
-ranks see identical reduced statistics, their dampers agree on every batch
-size without asking the client. When the damper's batch size calls for
-another worker count, or the epoch ends, rank 0 returns the state, the client
-rescales the cluster, and a new process group starts from that state.
+A *segment* is the run of updates at one worker count, across as many
+epochs as that count lasts. Every rank holds the same
+weights, optimizer state and damper; per update it sums gradients over its
+slice of the batch, one ``all_reduce`` adds the sums (and the loss and
+gradient statistics riding in the same buffer), and every rank takes the
+same optimizer step. Since all ranks see identical reduced statistics, their
+dampers agree on every batch size without asking the client.
+
+Each rank runs one task per epoch, and the process group, module, optimizer
+and damper live on in the worker between them, as long as the group's
+membership stays. The epoch's end is one short hand-off: rank 0's task
+returns the epoch's records and state, the client runs validation,
+callbacks and checkpoints on it, and the next epoch's tasks carry only the
+optimizer settings (a skorch callback may have changed the learning rate)
+and, if a callback changed them, the weights. When the damper's batch size
+calls for another worker count (see :class:`~adadamp.scaling.WorkerCountRule`),
+or a worker is lost, rank 0 returns the state at that update, and a new
+group starts from it on the new workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,24 +37,28 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from ..dampers import BaseDamper
-from ..scaling import available_workers
+from ..scaling import WorkerCountRule, available_workers
 from ..schedule import epoch_permutation
 from ..state import TrainState
 from . import _worker
-from ._dask import DaskEngine, host_of
+from ._dask import DaskEngine
 from ._loop import Reducer, run_updates
 from .base import OnUpdate, UpdateRecord
 
 logger = logging.getLogger(__name__)
 
-# A rank whose peer died fails its all-reduce after this long at most.
+# A rank whose peer died mid-update fails its all-reduce after this long at most.
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+# Ranks meet at the store within this long, or the segment is given up and
+# restarted: a few liveness polls, so a rank whose peer died before meeting
+# frees its worker's only thread quickly.
+RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=10)
 # Segment restarts after lost workers, before the fit gives up.
 MAX_RESTARTS = 3
 # Seconds between checks that a segment's workers are still alive.
 LIVENESS_POLL_S = 1.0
 # What a rank raises when a peer or its own worker goes away.
-_LOST_WORKER_ERRORS = (dist.DistBackendError, KilledWorker, CommClosedError, OSError)
+_LOST_WORKER_ERRORS = (dist.DistError, KilledWorker, CommClosedError, OSError)
 
 
 @dataclass
@@ -57,11 +73,27 @@ class SegmentStart:
     damper: BaseDamper
     state: TrainState
     token: str
+    immediate: bool
+    """Whether the worker count follows the damper at once (a planned schedule)."""
+    rendezvous: tuple[str, int]
+    """Host and port of rank 0's store (unused with one rank)."""
 
 
 @dataclass
-class SegmentResult:
-    """What rank 0 hands back when a segment ends."""
+class GoOn:
+    """The client's word to every rank of a running segment: train the next epoch."""
+
+    token: str
+    epoch: int
+    hyperparameters: list[dict] = field(default_factory=list)
+    """Each optimizer param group's settings (``lr``, ...) as the client has them."""
+    module_state: dict | None = None
+    """The client's weights, when its callbacks changed them since the last epoch."""
+
+
+@dataclass
+class Handoff:
+    """What rank 0 returns at the end of an epoch, or where its segment stops."""
 
     offset: int
     records: list[UpdateRecord]
@@ -70,14 +102,7 @@ class SegmentResult:
     damper: BaseDamper
     state: TrainState
     wanted_workers: int | None = None
-    """Set when the segment stopped because the damper wants another worker count."""
-
-
-def _process_group(host: str, port: int, rank: int, world: int, device: str):
-    store = dist.TCPStore(host, port, world, rank == 0, timeout=GROUP_TIMEOUT)
-    if device.startswith("cuda"):
-        return dist.ProcessGroupNCCL(store, rank, world)
-    return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
+    """Set when the segment stops because the damper wants another worker count."""
 
 
 class GroupReducer(Reducer):
@@ -91,66 +116,169 @@ class GroupReducer(Reducer):
             self.group.allreduce([tensor]).wait()
 
 
-def run_segment(
-    payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int, host: str, port: int
-) -> SegmentResult | None:
-    """Run updates on this rank until the epoch ends or the worker count must change."""
+@dataclass
+class RankSegment:
+    """What a rank keeps between the epochs of its segment."""
+
+    token: str
+    reducer: GroupReducer
+    damper: BaseDamper
+    state: TrainState
+    rule: WorkerCountRule
+    listener: socket.socket | None = None
+    """Rank 0's store socket, open while the group lives."""
+
+
+# fit id -> this worker's running segment of that fit (one at a time).
+_SEGMENTS: dict[str, RankSegment] = {}
+
+
+def _process_group(
+    start: SegmentStart, rank: int, world: int, device: str
+) -> tuple[Any, socket.socket | None]:
+    """The segment's group, and (rank 0) the listening socket its store serves on.
+
+    The socket is the one :func:`~._worker.open_rendezvous` bound; it must stay
+    open as long as the store uses it, so the caller keeps it with the group.
+    """
+    host, port = start.rendezvous
+    listener = _worker.take_rendezvous(start.token) if rank == 0 else None
+    store = dist.TCPStore(
+        host,
+        port,
+        world,
+        rank == 0,
+        timeout=RENDEZVOUS_TIMEOUT,
+        master_listen_fd=listener.fileno() if listener is not None else None,
+    )
+    if device.startswith("cuda"):
+        group: Any = dist.ProcessGroupNCCL(store, rank, world, dist.ProcessGroupNCCL.Options())
+    else:
+        group = dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
+    return group, listener
+
+
+def _join(
+    model: _worker.WorkerModel, fit_id: str, start: SegmentStart, rank: int, world: int
+) -> RankSegment:
+    _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
+    _SEGMENTS.pop(fit_id, None)  # a segment this worker was in before has ended
+    group, listener = (
+        _process_group(start, rank, world, model.config.device) if world > 1 else (None, None)
+    )
+    # ``start`` may be the very object Dask serves to the other ranks: never mutate it.
+    segment = RankSegment(
+        start.token,
+        GroupReducer(group, rank, world),
+        copy.deepcopy(start.damper),
+        copy.deepcopy(start.state),
+        WorkerCountRule(start.target_workers, immediate=start.immediate),
+        listener,
+    )
+    _SEGMENTS[fit_id] = segment
+    return segment
+
+
+def run_epoch_part(
+    payload: _worker.PayloadRef, order: SegmentStart | GoOn, rank: int, world: int
+) -> Handoff | None:
+    """Run this rank's updates until the epoch ends or the worker count must change.
+
+    ``order`` starts a segment (a new group, the state to start from) or
+    continues the running one into its next epoch.
+    """
     model = _worker.worker_model(payload)
     config = model.config
-    _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    # ``start`` may be the very object Dask serves to the other ranks: never mutate it.
-    damper, state = copy.deepcopy(start.damper), copy.deepcopy(start.state)
-    group = _process_group(host, port, rank, world, config.device) if world > 1 else None
-    reducer = GroupReducer(group, rank, world)
-    device = model.examples.device
-    order = torch.from_numpy(epoch_permutation(config.seed, start.epoch, len(model.examples)))
+    if isinstance(order, SegmentStart):
+        segment = _join(model, payload.fit_id, order, rank, world)
+        epoch, offset = order.epoch, order.offset
+    else:
+        segment = _SEGMENTS[payload.fit_id]
+        if segment.token != order.token:
+            raise RuntimeError(f"segment {order.token} is not running on this worker")
+        for group, settings in zip(model.optimizer.param_groups, order.hyperparameters):
+            group.update(settings)
+        if order.module_state is not None:
+            model.module.load_state_dict(order.module_state)
+        epoch, offset = order.epoch, 0
+    order_ = epoch_permutation(config.seed, epoch, len(model.examples))
     records: list[UpdateRecord] = []
-    on_update = records.append if rank == 0 else (lambda record: None)
     offset, stopped_at = run_updates(
         model,
-        damper,
-        state,
-        order.to(device),
-        start.offset,
-        reducer,
-        on_update,
-        keep_going=lambda plan: config.workers_for(plan.full_batch_size) == start.target_workers,
+        segment.damper,
+        segment.state,
+        torch.from_numpy(order_).to(model.examples.device),
+        offset,
+        segment.reducer,
+        records.append if rank == 0 else (lambda record: None),
+        keep_going=lambda plan: not segment.rule.changes(config.workers_for(plan.full_batch_size)),
     )
     wanted = None if stopped_at is None else config.workers_for(stopped_at.full_batch_size)
+    if wanted is not None:
+        _SEGMENTS.pop(payload.fit_id, None)
     if rank != 0:
-        model.state_token = None
         return None
     module_state, optimizer_state = _worker.export_state(model)
-    model.state_token = None
-    return SegmentResult(offset, records, module_state, optimizer_state, damper, state, wanted)
+    return Handoff(
+        offset, records, module_state, optimizer_state, segment.damper, segment.state, wanted
+    )
+
+
+def release_segment(fit_id: str) -> None:
+    """Forget this worker's segment of a fit (its group goes with it)."""
+    _SEGMENTS.pop(fit_id, None)
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 class DecentralizedEngine(DaskEngine):
-    """All-reduce among Dask workers; one task per worker per segment."""
+    """All-reduce among Dask workers; per epoch one task per worker, groups that persist."""
 
     name = "decentralized"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running: tuple[str, list[str]] | None = None  # (token, workers) of the segment
+        self._held: dict | None = None  # the weights the client last adopted
+
+    def start(self, *args, **kwargs) -> None:
+        self._running, self._held = None, None
+        super().start(*args, **kwargs)
 
     def run_epoch(
         self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
     ) -> None:
         module_state, optimizer_state = self.client_state()
-        offset, target, restarts = 0, self.guess_workers(damper, state, 0), 0
-        while offset < self.n_examples:
-            world = self.scale_to(target)
-            start = SegmentStart(
-                epoch,
-                offset,
-                target,
-                module_state,
-                optimizer_state,
-                damper,
-                state,
-                token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
-            )
+        offset, restarts, target = 0, 0, None
+        self.plan_ahead(damper, state, 0)
+        while True:
+            if self._running is None:
+                if target is None:
+                    target = self.guess_workers(damper, state, offset)
+                order: SegmentStart | GoOn = self._segment_start(
+                    epoch,
+                    offset,
+                    target,
+                    module_state,
+                    optimizer_state,
+                    damper,
+                    state,
+                    token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
+                )
+            else:
+                order = GoOn(
+                    self._running[0],
+                    epoch,
+                    _hyperparameters(self.optimizer),
+                    self._changed_weights(module_state),
+                )
             try:
-                result = self._run_segment(start, world)
+                handoff = self._run_part(order)
             except _LostWorkers as lost:
                 restarts += 1
+                self._running = None
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(
                         f"Dask workers kept failing during epoch {epoch} ({restarts} restarts); "
@@ -162,48 +290,101 @@ class DecentralizedEngine(DaskEngine):
                 )
                 self.scaler.reset()
                 continue
-            for record in result.records:
+            except BaseException:
+                self._running = None
+                raise
+            for record in handoff.records:
                 on_update(record)
-            module_state, optimizer_state = result.module_state, result.optimizer_state
-            damper.load_state_dict(result.damper.state_dict())
-            state.load_state_dict(result.state.state_dict())
-            offset = result.offset
-            if result.wanted_workers is not None:
-                target = result.wanted_workers
+            self.note_progress(handoff.records)
+            self.note_resumed(sum(r.duration for r in handoff.records))
+            module_state, optimizer_state = handoff.module_state, handoff.optimizer_state
+            damper.load_state_dict(handoff.damper.state_dict())
+            state.load_state_dict(handoff.state.state_dict())
+            offset = handoff.offset
+            if handoff.wanted_workers is None:
+                break
+            assert self._running is not None
+            self.note_rescale(state.model_updates, len(self._running[1]), handoff.wanted_workers)
+            self._running, target = None, handoff.wanted_workers
+            self.plan_ahead(damper, state, offset)
         self.adopt_state(module_state, optimizer_state)
+        self._held = module_state
+        self.epochs_run += 1
 
-    def _run_segment(self, start: SegmentStart, world: int) -> SegmentResult:
+    def _changed_weights(self, module_state: dict) -> dict | None:
+        """The client's weights if a callback changed them since the last epoch, else None."""
+        held = self._held
+        if (
+            held is not None
+            and held.keys() == module_state.keys()
+            and all(torch.equal(held[k], v) for k, v in module_state.items())
+        ):
+            return None
+        return module_state
+
+    def _segment_start(
+        self,
+        epoch: int,
+        offset: int,
+        target: int,
+        module_state: dict,
+        optimizer_state: dict,
+        damper: BaseDamper,
+        state: TrainState,
+        token: str,
+    ) -> SegmentStart:
+        world = self.scale_to(target)
         workers = self.scaler.workers()[:world]
         if not workers:
             raise RuntimeError("The Dask cluster has no workers left to train on.")
-        world = len(workers)
+        rendezvous = ("", 0)
+        if len(workers) > 1:
+            rendezvous = self.client.submit(
+                _worker.open_rendezvous, token, workers=[workers[0]], pure=False
+            ).result()
+        self._running = (token, workers)
+        return SegmentStart(
+            epoch,
+            offset,
+            target,
+            module_state,
+            optimizer_state,
+            damper,
+            state,
+            token,
+            immediate=not damper.adaptive,
+            rendezvous=rendezvous,
+        )
+
+    def _run_part(self, order: SegmentStart | GoOn) -> Handoff:
+        assert self._running is not None
+        token, workers = self._running
         payload = self.ensure_payload()
-        port = self.client.submit(_worker.free_port, workers=[workers[0]], pure=False).result()
-        # One copy of the starting state goes to the cluster; ranks fetch it from there.
-        start_future = self.hold(start)
+        # A segment's starting state goes to the cluster once; ranks fetch it from there.
+        held = self.hold(order) if isinstance(order, SegmentStart) else order
         futures = [
             self.client.submit(
-                run_segment,
+                run_epoch_part,
                 payload,
-                start_future,
+                held,
                 rank,
-                world,
-                host_of(workers[0]),
-                port,
+                len(workers),
                 workers=[address],
                 allow_other_workers=False,
                 pure=False,
-                key=f"adadamp-segment-{start.token}-{rank}",
+                key=f"adadamp-part-{token}-{order.epoch}-{rank}",
             )
             for rank, address in enumerate(workers)
         ]
         try:
-            self._wait_for_segment(futures, workers)
-            return futures[0].result()
+            self._wait_for_ranks(futures, workers)
+            handoff = futures[0].result()
+            assert isinstance(handoff, Handoff)  # rank 0 always hands off
+            return handoff
         finally:
-            self.client.cancel(futures + [start_future])
+            self.client.cancel(futures + ([held] if held is not order else []))
 
-    def _wait_for_segment(self, futures, workers: list[str]) -> None:
+    def _wait_for_ranks(self, futures, workers: list[str]) -> None:
         """Wait for all ranks; a failed rank or a vanished worker ends the wait."""
         pending, misses = list(futures), 0
         while pending:
@@ -220,7 +401,9 @@ class DecentralizedEngine(DaskEngine):
                 gone = set(workers) - set(available_workers(self.client))
                 misses = misses + 1 if gone else 0
                 if misses >= 2:
-                    raise _LostWorkers(RuntimeError(f"worker(s) {sorted(gone)} left the cluster"))
+                    raise _LostWorkers(
+                        RuntimeError(f"worker(s) {sorted(gone)} left the cluster")
+                    ) from None
                 continue
             failed = [f for f in futures if f.status == "error"]
             if failed:
@@ -230,6 +413,13 @@ class DecentralizedEngine(DaskEngine):
                     raise _LostWorkers(error)
                 raise error
             pending = [f for f in futures if not f.done()]
+
+    def close(self) -> None:
+        self._running, self._held = None, None
+        if self.payload_future is not None:
+            with contextlib.suppress(Exception):
+                self.client.run(release_segment, self.fit_id)
+        super().close()
 
 
 class _LostWorkers(Exception):
