@@ -163,6 +163,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     for name in SCHEDULE_NAMES:
         assert name in printed
     assert "model updates" in printed and "max workers" in printed
+    assert "rescaling (s)" in printed
 
     summary = json.loads((out / "summary.json").read_text())
     assert [row["schedule"] for row in summary] == list(SCHEDULE_NAMES)
@@ -185,6 +186,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     for name in (
         "accuracy_loss_vs_epochs.png",
         "accuracy_loss_vs_model_updates.png",
+        "accuracy_loss_vs_wall_clock.png",
         "accuracy_loss_vs_simulated_wall_clock.png",
         "schedules.png",
         "history.csv",
@@ -201,6 +203,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         "model_updates",
         "examples",
         "wall_clock_s",
+        "rescale_s",
         "sim_wall_clock_s",
     } <= set(header)
 

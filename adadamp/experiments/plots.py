@@ -65,10 +65,10 @@ def _stack(runs: Sequence[RunResult], key: str) -> np.ndarray:
 def plot_compare(results: Sequence[RunResult], config: CompareConfig, out: Path) -> list[Path]:
     """The figures of ``adadamp compare``.
 
-    - ``accuracy_loss_vs_epochs.png``, ``..._vs_model_updates.png`` and
-      ``..._vs_simulated_wall_clock.png``: test accuracy (left) and training
-      loss (right), the mean over seeds as a line and the range over seeds
-      shaded;
+    - ``accuracy_loss_vs_epochs.png``, ``..._vs_model_updates.png``,
+      ``..._vs_wall_clock.png`` (measured) and ``..._vs_simulated_wall_clock.png``:
+      test accuracy (left) and training loss (right), the mean over seeds as
+      a line and the range over seeds shaded;
     - ``schedules.png``: batch size and learning rate against epochs.
     """
     plt = _pyplot()
@@ -80,6 +80,12 @@ def plot_compare(results: Sequence[RunResult], config: CompareConfig, out: Path)
     axes_defs = [
         ("epochs", "epoch", "epochs", "accuracy_loss_vs_epochs.png"),
         ("model_updates", "model updates", "model updates", "accuracy_loss_vs_model_updates.png"),
+        (
+            "wall_clock_s",
+            "measured wall-clock (s)",
+            "measured wall-clock (this machine, from each fit's start)",
+            "accuracy_loss_vs_wall_clock.png",
+        ),
         (
             "sim_wall_clock_s",
             "simulated wall-clock (s)",

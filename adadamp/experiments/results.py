@@ -73,6 +73,7 @@ EPOCH_KEYS = (
     "lr",
     "workers",
     "wall_clock_s",
+    "rescale_s",
     "sim_wall_clock_s",
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,16 @@ DEFAULT_BACKEND = "decentralized"
 
 #: ``"auto"`` is left out: an experiment should say what it ran on.
 BACKEND_CHOICES = tuple(b for b in BACKENDS if b != "auto")
+
+
+class WallClock(Callback):
+    """Append ``time.perf_counter()`` at the end of every epoch to ``ends``."""
+
+    def __init__(self, ends: list[float]) -> None:
+        self.ends = ends
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
 
 
 class TestScoring(Callback):
@@ -112,7 +123,10 @@ def dask_client(backend: str, max_workers: int | None = None) -> Iterator[Any]:
         return
     from ..cluster import cluster_client
 
-    with cluster_client(None, max_workers=worker_limit(backend, max_workers)) as handle:
+    limit = worker_limit(backend, max_workers)
+    # Started with all its workers, so that no run pays for starting one: the
+    # cluster's start is the experiment's, not a schedule's.
+    with cluster_client(None, n_workers_hint=limit, max_workers=limit) as handle:
         # Current for the experiment, so that Dask calls that look up the
         # client themselves (distributed.wait, futures) find this one.
         with handle.client.as_current():
