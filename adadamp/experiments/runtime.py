@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -111,6 +112,14 @@ def worker_limit(backend: str, max_workers: int | None) -> int | None:
     return cpu_count()
 
 
+# What the tasks of an experiment's fits import on a worker.
+WORKER_IMPORTS = (
+    "adadamp.engines.decentralized",
+    "adadamp.engines.centralized",
+    "adadamp.experiments.models",
+)
+
+
 @contextlib.contextmanager
 def dask_client(backend: str, max_workers: int | None = None) -> Iterator[Any]:
     """A Dask client for the whole experiment, or ``None`` for ``backend="local"``.
@@ -127,6 +136,11 @@ def dask_client(backend: str, max_workers: int | None = None) -> Iterator[Any]:
     # Started with all its workers, so that no run pays for starting one: the
     # cluster's start is the experiment's, not a schedule's.
     with cluster_client(None, n_workers_hint=limit, max_workers=limit) as handle:
+        # Each worker imports what the runs' tasks use (torch, the engines, the
+        # experiment's models) now: that too is the cluster's start.
+        handle.client.wait_for_workers(limit)
+        for module in WORKER_IMPORTS:
+            handle.client.run(importlib.import_module, module)
         # Current for the experiment, so that Dask calls that look up the
         # client themselves (distributed.wait, futures) find this one.
         with handle.client.as_current():
