@@ -181,7 +181,8 @@ class DaskEngine(Engine):
             soon, examples = max(soon, workers), examples + batch
             if examples >= horizon:
                 break
-        self.scaler.request(soon)
+        if soon > self.scaler.n_workers:
+            self.scaler.request(soon)
 
     def note_progress(self, records: list) -> None:
         """Count the training time and examples of finished updates (the speed plan_ahead uses)."""
