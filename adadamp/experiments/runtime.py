@@ -138,7 +138,7 @@ def dask_client(backend: str, max_workers: int | None = None) -> Iterator[Any]:
     with cluster_client(None, n_workers_hint=limit, max_workers=limit) as handle:
         # Each worker imports what the runs' tasks use (torch, the engines, the
         # experiment's models) now: that too is the cluster's start.
-        handle.client.wait_for_workers(limit)
+        # (LocalCluster returns once its workers have started.)
         for module in WORKER_IMPORTS:
             handle.client.run(importlib.import_module, module)
         # Current for the experiment, so that Dask calls that look up the
