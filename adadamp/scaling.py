@@ -35,8 +35,8 @@ class WorkerCountRule:
     ``grads_per_worker``. The count changes
 
     - at once when ``immediate`` (a planned schedule: its changes are meant),
-      or when the wanted count is at least ``margin`` times the current one,
-      or at most the current one divided by ``margin``;
+      or when the wanted count is more than ``margin`` times the current one,
+      or less than the current one divided by ``margin``;
     - otherwise once the wanted count has differed from the current one for
       ``patience`` updates in a row.
 
@@ -67,7 +67,7 @@ class WorkerCountRule:
             self._streak = 0
             return False
         self._streak += 1
-        far = wanted >= self.margin * self.current or wanted * self.margin <= self.current
+        far = wanted > self.margin * self.current or wanted * self.margin < self.current
         return self.immediate or far or self._streak >= self.patience
 
 

@@ -352,3 +352,80 @@ def test_decentralized_fit_on_cuda_keeps_the_module_on_the_gpu():
     losses = [epoch["train_loss"] for epoch in est.history_]
     assert losses[-1] < losses[0]
     assert est.predict(X).shape == (256,)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def _segment_token(fit_id: str) -> str | None:
+    from adadamp.engines import decentralized
+
+    segment = decentralized._SEGMENTS.get(fit_id)
+    return None if segment is None else segment.token
+
+
+class SegmentTokens(Callback):
+    """Records, per epoch, the segment each worker runs for the fit."""
+
+    def __init__(self, client, tokens: list):
+        self.client, self.tokens = client, tokens
+
+    def on_epoch_end(self, net, **kwargs):
+        self.tokens.append(set(self.client.run(_segment_token, net.fit_id_).values()))
+
+
+def test_process_groups_live_across_epochs_at_one_worker_count(dask_client):
+    X, y = digits(128)
+    tokens: list = []
+    est = DaskClassifier(MLP, batch_size=64, grads_per_worker=32, min_workers=2, max_workers=2,
+                         max_epochs=4, lr=0.1, backend="decentralized", client=dask_client,
+                         train_split=None, random_state=0, verbose=0,
+                         callbacks=[("tokens", SegmentTokens(dask_client, tokens))])  # fmt: skip
+    est.fit(X, y)
+    assert updates(est, "workers") == [2] * 8
+    # One segment, so one process group, for the whole fit: the same token on
+    # both workers after every epoch.
+    (first,) = tokens[0] - {None}
+    assert all(epoch - {None} == {first} for epoch in tokens), tokens
+    assert [r for epoch in est.history_ for r in epoch["rescales"]] == []
+
+
+class RequestedWorkers(Callback):
+    def __init__(self, client, requested: list):
+        self.client, self.requested = client, requested
+
+    def on_epoch_end(self, net, **kwargs):
+        self.requested.append(len(self.client.cluster.requested))
+
+
+def test_workers_are_asked_for_before_a_planned_schedule_needs_them(dask_client):
+    dask_client.cluster.scale(1)
+    dask_client.wait_for_workers(1)
+    while cluster_size(dask_client) != 1:
+        time.sleep(0.05)
+    X, y = digits(128)
+    requested: list = []
+    callback = RequestedWorkers(dask_client, requested)
+    est = DaskClassifier(MLP, batch_size=GeoDamp, batch_size__initial=32, batch_size__delay=3,
+                         batch_size__factor=2, grads_per_worker=32, max_workers=2, max_epochs=4,
+                         lr=0.1, backend="decentralized", client=dask_client, train_split=None,
+                         random_state=0, verbose=0, callbacks=[("requested", callback)])  # fmt: skip
+    est.fit(X, y)
+    assert [epoch["workers"] for epoch in est.history_] == [1, 1, 1, 2]
+    # The second worker was asked for at least one epoch before the fourth epoch needed it.
+    assert requested[2] == 2, requested
+
+
+def test_worker_count_rule():
+    from adadamp.scaling import WorkerCountRule
+
+    planned = WorkerCountRule(2, immediate=True)
+    assert not planned.changes(2) and planned.changes(3)
+    noisy = WorkerCountRule(2, patience=3)
+    assert not noisy.changes(4)  # twice the count is not yet far
+    assert noisy.changes(5)  # more than twice is
+    noisy = WorkerCountRule(2, patience=3)
+    assert [noisy.changes(3) for _ in range(3)] == [False, False, True]
+    assert not noisy.changes(2) and not noisy.changes(3)  # back at 2: the streak restarts
+    assert not WorkerCountRule(4, patience=3).changes(2)
+    assert WorkerCountRule(4, patience=3).changes(1)

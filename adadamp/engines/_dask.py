@@ -108,10 +108,17 @@ class DaskEngine(Engine):
             if future.status == "error":
                 error = future.exception()
                 future.release()
+                payload = self._payload
+                classes = ", ".join(
+                    f"{cls.__module__}.{cls.__qualname__}"
+                    for cls in (type(payload.module), type(payload.criterion),
+                                payload.optimizer.cls, type(payload.examples))
+                )  # fmt: skip
                 raise RuntimeError(
                     f"The Dask cluster could not hold the fit's module and data: {error!r}. "
-                    "Check that the workers (and the scheduler) can import every class "
-                    "the module, criterion and optimizer use."
+                    f"The scheduler and every worker must be able to import {classes}: "
+                    "install the code that defines them there, or define them in the "
+                    "script that fits (Dask then sends them by value)."
                 ) from error
             self.payload_future = future
             assert self.fit_id is not None  # start() named the fit
@@ -211,14 +218,22 @@ class DaskEngine(Engine):
     def guess_workers(self, damper: BaseDamper, state: TrainState, offset: int) -> int:
         """The worker count the next update will want, without touching the damper.
 
-        Dampers that need the training loss cannot be asked before it is
-        computed: they keep the current count, and the workers correct it.
+        For dampers that need the training loss, the last loss the fit saw
+        stands in; the workers correct the count if the fresh one says otherwise.
         """
+        damper, state = copy.deepcopy(damper), copy.deepcopy(state)
         if damper.needs_loss:
-            return self.scaler.n_workers or self.config.min_workers
-        plan = next_update(
-            copy.deepcopy(damper), copy.deepcopy(state), self.config.max_batch_size, offset
-        )
+            # The loss is not known before the workers evaluate it; the last
+            # one seen stands in (before any, any value does: the first loss
+            # a damper sees is its reference, e.g. AdaDamp's B = initial).
+            if state.train_loss is None:
+                state.train_loss = 1.0
+            try:
+                plan = next_update(damper, state, self.config.max_batch_size, offset)
+            except (ValueError, RuntimeError):  # the stand-in did not suit this damper
+                return self.scaler.n_workers or self.config.min_workers
+        else:
+            plan = next_update(damper, state, self.config.max_batch_size, offset)
         return self.config.workers_for(plan.full_batch_size)
 
     def client_state(self) -> tuple[dict, dict]:

@@ -240,7 +240,8 @@ class DecentralizedEngine(DaskEngine):
 
     def __init__(self) -> None:
         super().__init__()
-        self._running: tuple[str, list[str]] | None = None  # (token, workers) of the segment
+        # (token, workers, target count) of the running segment
+        self._running: tuple[str, list[str], int] | None = None
         self._held: dict | None = None  # the weights the client last adopted
 
     def start(self, *args, **kwargs) -> None:
@@ -253,6 +254,13 @@ class DecentralizedEngine(DaskEngine):
         module_state, optimizer_state = self.client_state()
         offset, restarts, target = 0, 0, None
         self.plan_ahead(damper, state, 0)
+        if self._running is not None and len(self._running[1]) < self._running[2]:
+            # The segment runs on fewer workers than it wants (the cluster had
+            # no more): if more have joined since, start over on them.
+            target = self._running[2]
+            if self.scale_to(target) > len(self._running[1]):
+                self.note_rescale(state.model_updates, len(self._running[1]), target)
+                self._running = None
         while True:
             if self._running is None:
                 if target is None:
@@ -342,7 +350,7 @@ class DecentralizedEngine(DaskEngine):
             rendezvous = self.client.submit(
                 _worker.open_rendezvous, token, workers=[workers[0]], pure=False
             ).result()
-        self._running = (token, workers)
+        self._running = (token, workers, target)
         return SegmentStart(
             epoch,
             offset,
@@ -358,7 +366,7 @@ class DecentralizedEngine(DaskEngine):
 
     def _run_part(self, order: SegmentStart | GoOn) -> Handoff:
         assert self._running is not None
-        token, workers = self._running
+        token, workers, _ = self._running
         payload = self.ensure_payload()
         # A segment's starting state goes to the cluster once; ranks fetch it from there.
         held = self.hold(order) if isinstance(order, SegmentStart) else order
