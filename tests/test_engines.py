@@ -405,11 +405,23 @@ def test_workers_are_asked_for_before_a_planned_schedule_needs_them(dask_client)
         time.sleep(0.05)
     X, y = digits(128)
     requested: list = []
-    callback = RequestedWorkers(dask_client, requested)
-    est = DaskClassifier(MLP, batch_size=GeoDamp, batch_size__initial=32, batch_size__delay=3,
-                         batch_size__factor=2, grads_per_worker=32, max_workers=2, max_epochs=4,
-                         lr=0.1, backend="decentralized", client=dask_client, train_split=None,
-                         random_state=0, verbose=0, callbacks=[("requested", callback)])  # fmt: skip
+    est = DaskClassifier(
+        MLP,
+        batch_size=GeoDamp,
+        batch_size__initial=32,
+        batch_size__delay=3,
+        batch_size__factor=2,
+        grads_per_worker=32,
+        max_workers=2,
+        max_epochs=4,
+        lr=0.1,
+        backend="decentralized",
+        client=dask_client,
+        train_split=None,
+        random_state=0,
+        verbose=0,
+        callbacks=[("requested", RequestedWorkers(dask_client, requested))],
+    )
     est.fit(X, y)
     assert [epoch["workers"] for epoch in est.history_] == [1, 1, 1, 2]
     # The second worker was asked for at least one epoch before the fourth epoch needed it.
