@@ -99,9 +99,10 @@ def _alive(pid: int) -> bool:
 class CliCluster:
     """A ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, started from the CLI.
 
-    The processes run in ``cwd`` (an empty folder) with ``PYTHONPATH`` set to
-    this tests folder only, so they import what an installed package and the
-    test helpers provide, and nothing the test process added to ``sys.path``.
+    The processes run in ``workdir`` (a folder of their own) with this tests
+    folder put first on ``PYTHONPATH``, so they import what the installed
+    packages and the test helpers provide, and nothing the test process added
+    to ``sys.path`` (a test's ``tmp_path``, say).
     Each process is the leader of its own session, so that killing its group
     takes a nanny's worker process with it.
     """
@@ -111,7 +112,9 @@ class CliCluster:
         self.nanny = nanny
         self.env = {
             **os.environ,
-            "PYTHONPATH": _TESTS_DIR,
+            "PYTHONPATH": os.pathsep.join(
+                [_TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
             # Tiny models on two shared cores: one compute thread per process.
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",

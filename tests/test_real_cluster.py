@@ -61,8 +61,10 @@ def fit_within(est, X, y, seconds: float) -> tuple[BaseException | None, float]:
 
 
 def per_update(est, key: str) -> list[list]:
-    """``key`` of every update, one list per epoch."""
-    return [[batch[key] for batch in epoch["batches"]] for epoch in est.history_]
+    """``key`` of every model update, one list per epoch (validation batches left out)."""
+    return [
+        [batch[key] for batch in epoch["batches"] if "workers" in batch] for epoch in est.history_
+    ]
 
 
 def undoes(first: dict, second: dict) -> bool:
@@ -102,8 +104,17 @@ LIVELOCK_SEEDS = (0, 1, 2, 3)
 FIT_DEADLINE_S = 120
 
 
+def worker_count_changes(workers: list[int]) -> list[tuple[int, int]]:
+    """``(from, to)`` of every change of the worker count between two updates."""
+    return [(a, b) for a, b in zip(workers, workers[1:]) if a != b]
+
+
+# skorch's default rate (the batch size barely leaves 32, then 33, where one
+# worker becomes two), and one at which the loss, and so the batch size, jumps
+# back and forth across 32 within an epoch.
+@pytest.mark.parametrize("lr", [0.01, 2.0])
 @pytest.mark.parametrize("seed", LIVELOCK_SEEDS)
-def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed):
+def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed, lr):
     """AdaDamp's batch size wobbles around multiples of grads_per_worker; the
     worker count must not follow every wobble (nor stall the fit doing so)."""
     X, y = digits(300)
@@ -115,6 +126,7 @@ def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed):
         client=cli_cluster.address,
         grads_per_worker=32,
         max_epochs=2,
+        lr=lr,
         random_state=seed,
         verbose=0,
     )
@@ -124,10 +136,13 @@ def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed):
     rescales = [event for epoch in est.history_ for event in epoch["rescales"]]
     sizes = [size for epoch in per_update(est, "train_batch_size") for size in epoch]
     workers = [w for epoch in per_update(est, "workers") for w in epoch]
-    context = f"seed {seed}: rescales {rescales}, batch sizes {sizes}, workers {workers}"
+    context = f"seed {seed}, lr {lr}: rescales {rescales}, batch sizes {sizes}, workers {workers}"
     assert len(rescales) <= 2, f"too many rescales in {took:.1f} s; {context}"
     for first, second in zip(rescales, rescales[1:]):
         assert not undoes(first, second), f"a rescale undid the one before; {context}"
+    # Each change of the worker count is a recorded rescale (none goes unaccounted).
+    changes = worker_count_changes(workers)
+    assert changes == [(r["from"], r["to"]) for r in rescales], context
     assert set(workers) <= {1, 2}, context
     assert est.history_[-1]["examples"] == 2 * len(X) * 4 // 5  # skorch holds out a fifth
 
@@ -175,7 +190,9 @@ def test_payload_the_cluster_cannot_unpickle_fails_fast(cli_cluster, tmp_path):
         sys.modules.pop(name, None)
     assert error is not None, "the fit succeeded on workers that cannot import its module"
     message = "".join(f"{type(e).__name__}: {e}\n" for e in _chain(error))
-    assert name in message or "could not hold" in message, message
+    # The message says what failed and which class the cluster must import.
+    assert "could not hold the fit's module" in message, message
+    assert f"must be able to import {name}.Net" in message, message
     assert took < 30
     # The cluster is still usable afterwards.
     assert cli_cluster.client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
