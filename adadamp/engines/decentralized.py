@@ -201,13 +201,13 @@ def run_epoch_part(
         if order.module_state is not None:
             model.module.load_state_dict(order.module_state)
         epoch, offset = order.epoch, 0
-    order_ = epoch_permutation(config.seed, epoch, len(model.examples))
+    permutation = epoch_permutation(config.seed, epoch, len(model.examples))
     records: list[UpdateRecord] = []
     offset, stopped_at = run_updates(
         model,
         segment.damper,
         segment.state,
-        torch.from_numpy(order_).to(model.examples.device),
+        torch.from_numpy(permutation).to(model.examples.device),
         offset,
         segment.reducer,
         records.append if rank == 0 else (lambda record: None),
