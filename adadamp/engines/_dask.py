@@ -7,7 +7,6 @@ import copy
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from distributed import wait
@@ -30,11 +29,6 @@ MAX_PLANNED_UPDATES = 20_000
 
 def _hold(value):
     return value
-
-
-def host_of(address: str) -> str:
-    """The host part of a Dask worker address such as ``tcp://10.0.0.5:4321``."""
-    return urlparse(address).hostname or address
 
 
 class DaskEngine(Engine):

@@ -171,16 +171,9 @@ class CentralizedEngine(DaskEngine):
                 self._rule = WorkerCountRule(self.scale_to(wanted), immediate=not damper.adaptive)
             elif self._rule.changes(wanted):
                 flush()  # rescale between updates, never under running tasks
-                began, before = time.perf_counter(), self._rule.current
+                self.note_rescale(state.model_updates, self._rule.current, wanted)
                 self._rule = WorkerCountRule(self.scale_to(wanted), immediate=not damper.adaptive)
-                self.rescales.append(
-                    {
-                        "update": state.model_updates,
-                        "from": before,
-                        "to": self._rule.current,
-                        "seconds": time.perf_counter() - began,
-                    }
-                )
+                self.note_resumed(0.0)  # the stall is the scaling itself
             workers = self.scaler.workers()[: self._rule.current]
             batch = order[offset : offset + plan.batch_size]
             grads = [
