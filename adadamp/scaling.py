@@ -213,6 +213,11 @@ class WorkerScaler:
             self.handle.cluster.scale(max(n_workers, self._target or 0))
             self._requested = (n_workers, time.monotonic())
 
+    def running_on(self, n_workers: int) -> None:
+        """Record that the engine runs on ``n_workers`` it found ready, without scaling."""
+        self._note_arrivals()
+        self._target = self._n_workers = n_workers
+
     def _note_arrivals(self) -> None:
         """Measure the start latency once the workers asked for ahead have joined."""
         if self._requested is not None:

@@ -57,3 +57,26 @@ def updates(est, key: str) -> list:
 
 def weights(est) -> list[torch.Tensor]:
     return [p.detach().clone() for p in est.module_.parameters()]
+
+
+def wait_until_workers_hold_model(client, fit_id: str, n_workers: int, timeout: float = 60):
+    """Block until ``n_workers`` workers have built the fit's model (their warm-up finished).
+
+    A worker that joins mid-fit is used once it holds the model; a test that
+    checks *when* it is used first waits for that here, so that the check
+    does not depend on how long the worker takes to import torch.
+    """
+    import time
+
+    def finished_warm_ups(dask_scheduler, prefix):
+        return sum(
+            str(key).startswith(prefix) and task.state == "memory"
+            for key, task in dask_scheduler.tasks.items()
+        )
+
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(finished_warm_ups, prefix=f"adadamp-warm-{fit_id}") < n_workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n_workers} workers did not hold the model within {timeout} s")
+        time.sleep(0.1)
+    time.sleep(0.2)  # the fit's client hears of it a moment after the scheduler

@@ -170,3 +170,25 @@ def test_auto_backend_is_local_without_a_client_and_decentralized_with_one():
     )
     assert resolve_engine("local").fit_id is None
     assert isinstance(resolve_engine("centralized"), Engine)
+
+
+def test_a_stop_vote_ends_the_run_after_the_update_it_was_cast_in():
+    from adadamp.engines._loop import RankModel, Reducer, run_updates
+
+    module, optimizer, criterion, X, y = _fit_parts(120)
+    config = TrainConfig(seed=0, epochs=1)
+    model = RankModel(module, optimizer, criterion, TensorExamples(X, y), config)
+    state, records = TrainState(120), []
+    offset, not_run = run_updates(
+        model,
+        GeoDamp(initial=10, delay=100),
+        state,
+        torch.arange(120),
+        0,
+        Reducer(),
+        records.append,
+        stop_vote=lambda: state.model_updates == 2,  # cast in the third update
+    )
+    assert len(records) == 3 and state.model_updates == 3
+    assert offset == 30
+    assert not_run is not None and not_run.batch_size == 10

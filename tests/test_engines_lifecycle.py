@@ -56,7 +56,9 @@ def test_embedded_cluster_leaves_no_process_or_port():
     children, listening = _children(), _listening()
     torch.manual_seed(0)
     # B = 32 then 64 with one worker per 32 examples: the embedded cluster
-    # starts one worker process, grows to two, and runs process groups on both.
+    # starts one worker process and asks for a second. Training does not wait
+    # for it, so whether it joins the last updates depends on its start-up;
+    # either way its process must end with the fit.
     est = DaskRegressor(
         nn.Linear(5, 1),
         batch_size=GeoDamp,
@@ -73,7 +75,9 @@ def test_embedded_cluster_leaves_no_process_or_port():
         verbose=0,
     )
     est.fit(X, y)
-    assert updates(est, "workers") == [1] * 4 + [2] * 2
+    workers = updates(est, "workers")
+    assert workers[:4] == [1] * 4 and set(workers[4:]) <= {1, 2}, workers
+    assert est.history_[-1]["examples"] == 2 * len(X)
     # Closing is synchronous, but the OS may take a moment to reap a process.
     deadline = time.monotonic() + 10
     while (_children() - children or _listening() - listening) and time.monotonic() < deadline:

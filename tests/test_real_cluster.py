@@ -26,6 +26,7 @@ from estimator_helpers import (  # noqa: F401 (one_torch_thread: autouse fixture
     digits,
     one_torch_thread,
     regression,
+    wait_until_workers_hold_model,
 )
 from skorch.callbacks import Callback
 from torch import nn
@@ -239,6 +240,8 @@ class AddWorkerAfterEpoch(Callback):
     def on_epoch_end(self, net, **kwargs):
         if len(net.history) == self.epoch:
             self.joined = self.cluster.add_worker()
+            # Used from the next epoch once it holds the model, whatever its start-up takes.
+            wait_until_workers_hold_model(self.cluster.client, net.fit_id_, 2)
 
 
 def test_workers_that_join_mid_fit_are_used(start_cli_cluster):
@@ -268,6 +271,55 @@ def test_workers_that_join_mid_fit_are_used(start_cli_cluster):
             f"the worker that joined after epoch 1 was not used: workers per update {workers}"
         )
         assert est.history_[-1]["examples"] == 6 * len(X)
+    finally:
+        cluster.close()
+
+
+class AddWorkerAtFirstEpoch(Callback):
+    """Starts one more CLI worker as the fit's first epoch begins (in a thread)."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.thread: threading.Thread | None = None
+
+    def on_epoch_begin(self, net, **kwargs):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.cluster.add_worker, daemon=True)
+            self.thread.start()
+
+
+def test_a_worker_that_joins_mid_epoch_is_used_without_stalling(start_cli_cluster):
+    """Training goes on on the one worker while the second starts; once it holds
+    the model, the segment stops at the next update and goes on with both."""
+    cluster = start_cli_cluster(1)
+    try:
+        X, y = regression(n=1280)
+        est = DaskRegressor(
+            SlowLinear(delay=0.05),  # ~0.1 s per update: the epoch outlasts a worker's start
+            batch_size=64,  # two workers' worth from the start
+            grads_per_worker=32,
+            backend="decentralized",
+            client=cluster.address,
+            max_epochs=12,
+            optimizer=torch.optim.SGD,
+            lr=0.01,
+            random_state=0,
+            verbose=0,
+            callbacks=[("add_worker", AddWorkerAtFirstEpoch(cluster))],
+        )
+        error, _ = fit_within(est, X, y, FIT_DEADLINE_S)
+        assert error is None, f"the fit raised {error!r}"
+        workers = [w for epoch in per_update(est, "workers") for w in epoch]
+        rescales = [event for epoch in est.history_ for event in epoch["rescales"]]
+        # One change, from one worker to two, recorded; never back.
+        assert worker_count_changes(workers) == [(1, 2)], workers
+        assert [(r["from"], r["to"]) for r in rescales] == [(1, 2)], rescales
+        # Training did not wait for the worker to start: updates ran on one meanwhile.
+        switch = workers.index(2)
+        assert switch > 0
+        assert rescales[0]["update"] == switch
+        assert rescales[0]["seconds"] < 5.0, rescales
+        assert est.history_[-1]["examples"] == 12 * len(X)
     finally:
         cluster.close()
 

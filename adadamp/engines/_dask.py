@@ -19,6 +19,7 @@ from ..scaling import WorkerScaler
 from ..schedule import advance, next_update
 from ..state import TrainState
 from . import _worker
+from ._warm import WorkerWarmer
 from .base import Engine, TrainConfig
 
 # Seconds a new worker is assumed to take to join, until one was measured.
@@ -40,11 +41,16 @@ class DaskEngine(Engine):
     fetch it on their first task and keep it.
     """
 
+    # The task that builds a worker's model ahead of its first task (see
+    # ._warm); an engine whose tasks import more names a task of its own module.
+    warm_up = staticmethod(_worker.warm)
+
     def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
         self.payload_future = None
         self.rescales: list[dict] = []
         self._rescale_began: tuple[dict, float] | None = None
+        self.warmer: WorkerWarmer | None = None
 
     def start(
         self,
@@ -87,6 +93,15 @@ class DaskEngine(Engine):
         self.epochs_run = 0
         self._timed = (0.0, 0)  # (seconds, examples) of the updates finished so far
         self.ensure_payload()
+        # The workers there now build the model before the first segment
+        # (its ranks would wait for the slowest of them anyway); those that
+        # join later do it while training goes on.
+        self.warmer = WorkerWarmer(self.client, self.warm_up, (self.payload_ref,), self.fit_id)
+        self.warmer.start()
+        try:
+            self.warmer.wait(timeout=self.scaler.timeout)
+        except Exception as error:
+            raise self._cannot_hold(error) from error
 
     def ensure_payload(self) -> _worker.PayloadRef:
         """The payload's handle (created on first use).
@@ -102,23 +117,32 @@ class DaskEngine(Engine):
             if future.status == "error":
                 error = future.exception()
                 future.release()
-                payload = self._payload
-                classes = ", ".join(
-                    f"{cls.__module__}.{cls.__qualname__}"
-                    for cls in (type(payload.module), type(payload.criterion),
-                                payload.optimizer.cls, type(payload.examples))
-                )  # fmt: skip
-                raise RuntimeError(
-                    f"The Dask cluster could not hold the fit's module and data: {error!r}. "
-                    f"The scheduler and every worker must be able to import {classes}: "
-                    "install the code that defines them there, or define them in the "
-                    "script that fits (Dask then sends them by value)."
-                ) from error
+                raise self._cannot_hold(error) from error
             self.payload_future = future
             assert self.fit_id is not None  # start() named the fit
             self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
             self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
         return self.payload_ref
+
+    def ready_workers(self) -> list[str]:
+        """The available workers that hold the fit's model (see :mod:`._warm`)."""
+        assert self.warmer is not None  # start() made it
+        return self.warmer.ready()
+
+    def _cannot_hold(self, error: BaseException) -> RuntimeError:
+        """The error for a payload the scheduler or a worker could not take in."""
+        payload = self._payload
+        classes = ", ".join(
+            f"{cls.__module__}.{cls.__qualname__}"
+            for cls in (type(payload.module), type(payload.criterion),
+                        payload.optimizer.cls, type(payload.examples))
+        )  # fmt: skip
+        return RuntimeError(
+            f"The Dask cluster could not hold the fit's module and data: {error!r}. "
+            f"The scheduler and every worker must be able to import {classes}: "
+            "install the code that defines them there, or define them in the "
+            "script that fits (Dask then sends them by value)."
+        )
 
     def hold(self, value):
         """A future of ``value`` that the cluster can always rebuild.
@@ -137,9 +161,22 @@ class DaskEngine(Engine):
     def note_rescale(self, update: int, workers_from: int, workers_to: int) -> None:
         """A rescale begins now, after update ``update``; its stall is measured on resuming."""
         self._rescale_began = (
-            {"update": update, "from": workers_from, "to": workers_to},
+            {"update": update, "from": workers_from, "to": workers_to, "wanted": workers_to},
             time.perf_counter(),
         )
+
+    def settle_rescale(self, workers: int) -> None:
+        """The rescale begun last runs on ``workers`` (fewer than wanted while more start).
+
+        A rescale that found no more workers ready than it had is none: the
+        count did not change, and nothing is recorded.
+        """
+        if self._rescale_began is not None:
+            event = self._rescale_began[0]
+            if workers == event["from"]:
+                self._rescale_began = None
+            else:
+                event["to"] = workers
 
     def note_resumed(self, training_seconds: float) -> None:
         """The updates after a rescale came back, having computed for ``training_seconds``."""
@@ -249,6 +286,10 @@ class DaskEngine(Engine):
 
     def close(self) -> None:
         try:
+            if self.warmer is not None:
+                with contextlib.suppress(Exception):
+                    self.warmer.close()
+                self.warmer = None
             if self.payload_future is not None:
                 with contextlib.suppress(Exception):
                     self.client.run(_worker.release, self.fit_id)

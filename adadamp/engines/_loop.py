@@ -131,25 +131,31 @@ def run_updates(
     reducer: Reducer,
     on_update: OnUpdate,
     keep_going: Callable[[UpdatePlan], bool] | None = None,
+    stop_vote: Callable[[], bool] | None = None,
 ) -> tuple[int, UpdatePlan | None]:
     """Run updates from ``offset`` of the epoch's ``order`` until the epoch ends.
 
     Every rank calls this with the same damper, state and order, and advances
     them identically. ``keep_going``, asked before each update, may stop the
     run early (the decentralized engine stops when the damper wants another
-    worker count). Returns the offset reached and the plan that was not run
+    worker count). ``stop_vote``, asked on each rank before each reduction,
+    stops every rank after the update in which any rank voted: the votes
+    ride in the reduced buffer, so all ranks stop at the same update (the
+    decentralized engine stops a segment so that workers that became ready
+    join it). Returns the offset reached and the plan that was not run
     (None when the epoch ended). Learning rates set per update are restored
     on return, so that skorch callbacks that schedule the base rate keep working.
     """
     module, optimizer, config = model.module, model.optimizer, model.config
     # Gradients live as views of one flat buffer, so backward writes straight
-    # into what is reduced: one reduction per update, no copies. Two extra
-    # slots carry the loss sum and this rank's squared gradient norm.
+    # into what is reduced: one reduction per update, no copies. Three extra
+    # slots carry the stop votes, the loss sum and this rank's squared gradient norm.
     params = [p for p in module.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
-    flat = torch.zeros(sum(sizes) + 2, dtype=dtype, device=model.examples.device)
-    grads = flat[:-2]
+    flat = torch.zeros(sum(sizes) + 3, dtype=dtype, device=model.examples.device)
+    grads = flat[:-3]
+    stop_agreed = False
     for p, view in zip(params, torch.split(grads, sizes)):
         p.grad = view.view_as(p)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -161,15 +167,18 @@ def run_updates(
             if damper.needs_loss and damper.loss_due(state):
                 state.train_loss = training_loss(model, damper, state, reducer)
             plan = next_update(damper, state, config.max_batch_size, offset)
-            if keep_going is not None and not keep_going(plan):
+            if stop_agreed or (keep_going is not None and not keep_going(plan)):
                 return offset, plan
             lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
             flat.zero_()
+            if stop_vote is not None and stop_vote():
+                flat[-3] = 1
             if hi > lo:
                 flat[-2] = rank_gradient(model, order[offset + lo : offset + hi])
                 if damper.needs_grad_stats:
                     flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
             reducer.all_reduce(flat)
+            stop_agreed = bool(flat[-3] > 0)
             loss, lr, stats = step(
                 model,
                 plan,

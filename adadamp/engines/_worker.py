@@ -14,6 +14,7 @@ import copy
 import ctypes
 import platform
 import socket
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -90,6 +91,9 @@ _ARRIVALS: dict[str, int] = defaultdict(int)
 
 
 _ALLOCATOR_TUNED = False
+# One build per fit and process, even when a worker with several threads runs
+# a warm-up task and a fit's first task at once.
+_BUILD_LOCK = threading.Lock()
 
 
 def _keep_large_buffers_mapped() -> None:
@@ -123,21 +127,38 @@ def worker_model(ref: PayloadRef) -> WorkerModel:
     model = _MODELS.get(ref.fit_id)
     if model is not None:
         return model
+    with _BUILD_LOCK:
+        model = _MODELS.get(ref.fit_id)
+        if model is None:
+            model = _build_model(ref)
+            _MODELS[ref.fit_id] = model
+    return model
+
+
+def warm(ref: PayloadRef) -> None:
+    """Build this worker's model for a fit ahead of its first task.
+
+    A worker that joins mid-fit otherwise pays, in the first task of its
+    first segment, for importing torch and building the module and data
+    (seconds), while every other rank of that segment waits for it.
+    """
+    worker_model(ref)
+
+
+def _build_model(ref: PayloadRef) -> WorkerModel:
     _keep_large_buffers_mapped()
     payload = _fetch(ref)
     _ARRIVALS[ref.fit_id] += 1
     device = torch.device(payload.config.device)
     # The payload may be the very object Dask holds for other workers to fetch: copy, not mutate.
     module = copy.deepcopy(payload.module).to(device)
-    model = WorkerModel(
+    return WorkerModel(
         module=module,
         optimizer=payload.optimizer.build(module),
         criterion=copy.deepcopy(payload.criterion).to(device),
         examples=payload.examples.to(device),
         config=payload.config,
     )
-    _MODELS[ref.fit_id] = model
-    return model
 
 
 def load_state(model: WorkerModel, module_state: dict, optimizer_state: dict | None, token) -> None:

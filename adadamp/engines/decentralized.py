@@ -17,7 +17,11 @@ optimizer settings (a skorch callback may have changed the learning rate)
 and, if a callback changed them, the weights. When the damper's batch size
 calls for another worker count (see :class:`~adadamp.scaling.WorkerCountRule`),
 or a worker is lost, rank 0 returns the state at that update, and a new
-group starts from it on the new workers.
+group starts from it on the new workers. Growing, the new group starts on
+the workers that already hold the fit's model (:mod:`._warm`); while it is
+short of workers, the client asks rank 0 to stop it as soon as more are
+ready, and every rank stops at the same update (the vote rides in the
+reduced buffer).
 """
 
 from __future__ import annotations
@@ -131,6 +135,17 @@ class RankSegment:
 
 # fit id -> this worker's running segment of that fit (one at a time).
 _SEGMENTS: dict[str, RankSegment] = {}
+# Tokens of segments the client asked to stop (set on rank 0's worker by request_stop).
+_STOP_REQUESTS: set[str] = set()
+
+
+def request_stop(token: str) -> None:
+    """Ask the segment ``token`` to stop after its current update (run on rank 0's worker).
+
+    Rank 0 votes in its next reduction, so every rank stops at the same
+    update and hands off as for a rescale.
+    """
+    _STOP_REQUESTS.add(token)
 
 
 def _process_group(
@@ -212,10 +227,12 @@ def run_epoch_part(
         segment.reducer,
         records.append if rank == 0 else (lambda record: None),
         keep_going=lambda plan: not segment.rule.changes(config.workers_for(plan.full_batch_size)),
+        stop_vote=(lambda: segment.token in _STOP_REQUESTS) if rank == 0 else None,
     )
     wanted = None if stopped_at is None else config.workers_for(stopped_at.full_batch_size)
     if wanted is not None:
         _SEGMENTS.pop(payload.fit_id, None)
+        _STOP_REQUESTS.discard(segment.token)
     if rank != 0:
         return None
     module_state, optimizer_state = _worker.export_state(model)
@@ -224,9 +241,19 @@ def run_epoch_part(
     )
 
 
+def warm_rank(ref: _worker.PayloadRef) -> None:
+    """Build a worker's model for a fit before its first segment.
+
+    A task of this module, so that the worker also imports what a rank runs
+    (``torch.distributed`` takes seconds to import on a busy machine).
+    """
+    _worker.warm(ref)
+
+
 def release_segment(fit_id: str) -> None:
     """Forget this worker's segment of a fit (its group goes with it)."""
     _SEGMENTS.pop(fit_id, None)
+    _STOP_REQUESTS.difference_update({t for t in _STOP_REQUESTS if t.startswith(fit_id)})
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -237,15 +264,17 @@ class DecentralizedEngine(DaskEngine):
     """All-reduce among Dask workers; per epoch one task per worker, groups that persist."""
 
     name = "decentralized"
+    warm_up = staticmethod(warm_rank)
 
     def __init__(self) -> None:
         super().__init__()
         # (token, workers, target count) of the running segment
         self._running: tuple[str, list[str], int] | None = None
+        self._grow_from = 0  # workers of the segment that stopped to grow, for the next one
         self._held: dict | None = None  # the weights the client last adopted
 
     def start(self, *args, **kwargs) -> None:
-        self._running, self._held = None, None
+        self._running, self._held, self._grow_from = None, None, 0
         super().start(*args, **kwargs)
 
     def run_epoch(
@@ -254,13 +283,13 @@ class DecentralizedEngine(DaskEngine):
         module_state, optimizer_state = self.client_state()
         offset, restarts, target = 0, 0, None
         self.plan_ahead(damper, state, 0)
-        if self._running is not None and len(self._running[1]) < self._running[2]:
-            # The segment runs on fewer workers than it wants (the cluster had
-            # no more): if more have joined since, start over on them.
+        if self._running is not None and self._more_ready():
+            # The segment runs on fewer workers than it wants, and more are
+            # ready now: start over on them.
             target = self._running[2]
-            if self.scale_to(target) > len(self._running[1]):
-                self.note_rescale(state.model_updates, len(self._running[1]), target)
-                self._running = None
+            self.note_rescale(state.model_updates, len(self._running[1]), target)
+            self._grow_from = len(self._running[1])
+            self._running = None
         while True:
             if self._running is None:
                 if target is None:
@@ -313,6 +342,7 @@ class DecentralizedEngine(DaskEngine):
                 break
             assert self._running is not None
             self.note_rescale(state.model_updates, len(self._running[1]), handoff.wanted_workers)
+            self._grow_from = len(self._running[1])
             self._running, target = None, handoff.wanted_workers
             self.plan_ahead(damper, state, offset)
         self.adopt_state(module_state, optimizer_state)
@@ -341,10 +371,10 @@ class DecentralizedEngine(DaskEngine):
         state: TrainState,
         token: str,
     ) -> SegmentStart:
-        world = self.scale_to(target)
-        workers = self.scaler.workers()[:world]
+        workers = self._segment_workers(target)
         if not workers:
             raise RuntimeError("The Dask cluster has no workers left to train on.")
+        self.settle_rescale(len(workers))
         rendezvous = ("", 0)
         if len(workers) > 1:
             rendezvous = self.client.submit(
@@ -363,6 +393,34 @@ class DecentralizedEngine(DaskEngine):
             immediate=not damper.adaptive,
             rendezvous=rendezvous,
         )
+
+    def _segment_workers(self, target: int) -> list[str]:
+        """The workers of a new segment that wants ``target`` of them.
+
+        Growing from a running segment, training does not wait for workers
+        to start: the cluster is asked for ``target`` and the segment starts
+        on the workers whose model is built already (at least those of the
+        segment before). It runs short until more are ready, and is then
+        stopped and restarted on them (:meth:`_wait_for_ranks`). Otherwise
+        (the first segment, shrinking, a lost worker) the cluster is scaled
+        to ``target`` and waited for.
+        """
+        grow_from, self._grow_from = self._grow_from, 0
+        if grow_from and target > grow_from:
+            self.scaler.request(target)
+            ready = self.ready_workers()[:target]
+            if len(ready) >= grow_from:
+                self.scaler.running_on(len(ready))
+                return ready
+        world = self.scale_to(target)
+        return self.scaler.workers()[:world]
+
+    def _more_ready(self) -> bool:
+        """Whether the running segment is short of workers and more are ready to join it."""
+        if self._running is None:
+            return False
+        _, workers, target = self._running
+        return len(workers) < target and len(self.ready_workers()) > len(workers)
 
     def _run_part(self, order: SegmentStart | GoOn) -> Handoff:
         assert self._running is not None
@@ -394,7 +452,7 @@ class DecentralizedEngine(DaskEngine):
 
     def _wait_for_ranks(self, futures, workers: list[str]) -> None:
         """Wait for all ranks; a failed rank or a vanished worker ends the wait."""
-        pending, misses = list(futures), 0
+        pending, misses, stop_asked = list(futures), 0, False
         while pending:
             try:
                 # distributed.wait waits with the default client; the fit's client
@@ -402,6 +460,12 @@ class DecentralizedEngine(DaskEngine):
                 with self.client.as_current():
                     wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
+                if not stop_asked and self._more_ready():
+                    # Workers this short segment wants are ready: stop it at
+                    # the next update, to restart on them.
+                    assert self._running is not None
+                    self.client.run(request_stop, self._running[0], workers=[workers[0]])
+                    stop_asked = True
                 # A rank whose worker died is rescheduled nowhere (it is pinned):
                 # notice the worker's absence instead of waiting forever. Two
                 # polls in a row, so one slow answer from a busy scheduler
