@@ -16,7 +16,7 @@ from skorch.dataset import Dataset as SkorchDataset
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from ._tensors import dataset_to_tensors
-from .examples import DatasetExamples, Examples, TensorExamples, cast_pair
+from .examples import DatasetExamples, Examples, TensorExamples, cast_pair, seeded_item
 
 
 def _is_array_dataset(dataset) -> bool:
@@ -67,7 +67,8 @@ def check_dataset(X: Any) -> None:
         ) from None
     if n == 0:
         raise ValueError(f"X ({type(X).__name__}) has length 0: fit needs at least one example.")
-    item = X[0]
+    # Read with the generators restored after, so that checking draws nothing from them.
+    item = seeded_item(X, 0, 0)
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         kind = f"a {type(item).__name__}" + (
             f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""

@@ -58,7 +58,7 @@ class NpyDataset(Dataset):
         self.transform = transform
         self._x: np.ndarray | None = None
         self._y: np.ndarray | None = None
-        # The length from the header alone, without mapping the data.
+        # The length from the headers alone, without reading the data.
         self._len = _npy_length(self.x_path)
         if (n_y := _npy_length(self.y_path)) != self._len:
             raise ValueError(
@@ -96,9 +96,8 @@ class NpyDataset(Dataset):
 
 
 def _npy_length(path: str) -> int:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        shape, _, _ = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+    # Mapping reads only the header; the map is dropped at once.
+    shape = np.load(path, mmap_mode="r").shape
     if not shape:
         raise ValueError(f"{path} holds a scalar, not one row per example.")
     return int(shape[0])

@@ -263,7 +263,7 @@ class _DampedNetMixin:
         """Raise before training when the targets cannot be compared with the module's output."""
 
     def _training_examples(self, dataset) -> Examples:
-        """How the engines reach ``dataset``: see :func:`adadamp._training_data.training_examples`."""
+        """How the engines reach ``dataset`` (see ``_training_data.training_examples``)."""
         param = next(self.module_.parameters(), None)
         loader_params = {
             k: v
@@ -536,6 +536,13 @@ class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
         )
 
     _target_dtype = torch.long
+
+    def check_data(self, X, y):
+        super().check_data(X, y)
+        # A dataset that names its targets (torchvision's, NpyDataset) gives its classes.
+        targets = getattr(X, "targets", None) if y is None and is_dataset(X) else None
+        if targets is not None:
+            self.classes_inferred_ = np.unique(np.asarray(targets))
 
 
 class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):

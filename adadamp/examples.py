@@ -129,23 +129,27 @@ class _SeededItems(TorchDataset):
         epoch, index = key
         if self.seed is None:
             return self.dataset[index]
-        s = item_seed(self.seed, epoch, index)
-        torch_state, np_state, py_state = (
-            torch.get_rng_state(),
-            np.random.get_state(),
-            random.getstate(),
-        )
-        try:
-            # The generator's own manual_seed: torch.manual_seed also seeds
-            # every accelerator, a hundred times slower per call.
-            torch.default_generator.manual_seed(s)
-            np.random.seed(s)
-            random.seed(s)
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            np.random.set_state(np_state)
-            random.setstate(py_state)
+        return seeded_item(self.dataset, item_seed(self.seed, epoch, index), index)
+
+
+def seeded_item(dataset: TorchDataset, seed: int, index: int):
+    """``dataset[index]`` with the global generators seeded by ``seed``, then restored."""
+    torch_state, np_state, py_state = (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+    )
+    try:
+        # The generator's own manual_seed: torch.manual_seed also seeds every
+        # accelerator, a hundred times slower per call.
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        return dataset[index]
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 class _Requests:
