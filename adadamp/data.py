@@ -18,12 +18,16 @@ contract, as :class:`NpyDataset` does:
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+# Bytes of inputs read between two releases of the mapped pages.
+RELEASE_EVERY_BYTES = 64 << 20
 
 
 class NpyDataset(Dataset):
@@ -32,7 +36,10 @@ class NpyDataset(Dataset):
     Each process that reads it (the client for prediction, each Dask
     worker, each loader process) maps the files itself, and only the pages
     of the examples it reads come into memory; the object pickles as its
-    two paths.
+    two paths. Pages read are handed back to the kernel's page cache every
+    64 MiB read, so a process that reads the whole file over an epoch does
+    not keep it resident (mapped pages only this process touched count as
+    its private memory).
 
     Parameters
     ----------
@@ -58,6 +65,7 @@ class NpyDataset(Dataset):
         self.transform = transform
         self._x: np.ndarray | None = None
         self._y: np.ndarray | None = None
+        self._read = 0  # bytes read since the pages were last released
         # The length from the headers alone, without reading the data.
         self._len = _npy_length(self.x_path)
         if (n_y := _npy_length(self.y_path)) != self._len:
@@ -78,10 +86,21 @@ class NpyDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         X, y = self._open()
         # np.array copies the row out of the map: the tensor owns its memory.
-        x = torch.from_numpy(np.array(X[index]))
+        row = np.array(X[index])
+        self._read += row.nbytes
+        if self._read >= RELEASE_EVERY_BYTES:
+            self._release_pages()
+        x = torch.from_numpy(row)
         if self.transform is not None:
             x = self.transform(x)
         return x, torch.from_numpy(np.array(y[index]))
+
+    def _release_pages(self) -> None:
+        self._read = 0
+        mapped = getattr(self._x, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            # The pages stay in the page cache: a later read maps them again.
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     @property
     def targets(self) -> np.ndarray:
@@ -92,6 +111,7 @@ class NpyDataset(Dataset):
         # The paths travel; each process maps the files itself.
         state = self.__dict__.copy()
         state["_x"] = state["_y"] = None
+        state["_read"] = 0
         return state
 
 

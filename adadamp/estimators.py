@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._batch_size_param import resolve_damper
+from ._checks import is_int
 from ._devices import check_device
 from ._tensors import match_dtype
 from ._training_data import check_dataset, training_examples
@@ -160,7 +161,8 @@ class _DampedNetMixin:
     def initialize_module(self):
         # With a random_state the initial weights are seeded too, in a forked
         # generator so that the program's global one is left as it was.
-        if self.random_state is None:
+        # (A random_state that is not an int is refused when fit checks its parameters.)
+        if self.random_state is None or not is_int(self.random_state):
             return super().initialize_module()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.random_state))
