@@ -297,3 +297,26 @@ def test_data_larger_than_a_worker_is_refused_with_the_fix(tmp_path):
     ):
         with pytest.raises(ValueError, match=r"does not fit in Dask worker .*NpyDataset"):
             estimator(backend="decentralized", client=client).fit(data)
+
+
+class DiesOnWorkers(Digits):
+    """Kills the process that unpickles it, unless that is the process that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.home = os.getpid()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.getpid() != self.home:
+            os._exit(1)  # as the kernel or Dask's memory monitor would end a worker
+
+
+@pytest.mark.slow
+def test_workers_dying_while_loading_the_data_fail_the_fit_within_a_minute(fresh_dask_client):
+    import time
+
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="died while loading.*lazily") as error:
+        estimator(backend="decentralized", client=fresh_dask_client).fit(DiesOnWorkers())
+    assert time.monotonic() - began < 60, error.value
