@@ -31,7 +31,7 @@ from ._training_data import check_dataset, training_examples
 from ._validation import check_estimator_params, check_training_data
 from .dampers import BaseDamper
 from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
-from .examples import Examples
+from .examples import Examples, close
 from .state import TrainState
 
 if TYPE_CHECKING:
@@ -288,9 +288,7 @@ class _DampedNetMixin:
         try:
             return probe.take(torch.zeros(1, dtype=torch.long, device=probe.device))
         finally:
-            close = getattr(probe, "close", None)
-            if close is not None:
-                close()
+            close(probe)
 
     def get_split_datasets(self, X, y=None, **fit_params):
         # A stratified split of a dataset given without y needs its targets:

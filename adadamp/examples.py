@@ -99,6 +99,13 @@ def set_epoch(examples: Examples, epoch: int) -> None:
         setter(epoch)
 
 
+def close(examples: Examples) -> None:
+    """Release what ``examples`` started (loader processes), if it has a ``close``."""
+    closer = getattr(examples, "close", None)
+    if closer is not None:
+        closer()
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed for the draw of example ``index`` in ``epoch`` (splitmix64 mixing).
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..dampers import BaseDamper
-from ..examples import Examples, set_epoch
+from ..examples import Examples, close, set_epoch
 from ..schedule import epoch_permutation
 from ..state import TrainState
 from ._loop import RankModel, Reducer, run_updates
@@ -43,6 +43,5 @@ class LocalEngine(Engine):
 
     def close(self) -> None:
         model = getattr(self, "model", None)
-        close = getattr(model.examples, "close", None) if model is not None else None
-        if close is not None:
-            close()  # loader processes, if the examples started any
+        if model is not None:
+            close(model.examples)
