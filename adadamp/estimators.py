@@ -18,16 +18,20 @@ import numpy as np
 import torch
 from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import EpochScoring, PrintLog
-from skorch.utils import to_tensor
+from skorch.dataset import ValidSplit
+from skorch.utils import is_dataset, to_tensor
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._batch_size_param import resolve_damper
+from ._checks import is_int
 from ._devices import check_device
-from ._tensors import dataset_to_tensors, match_dtype
+from ._tensors import match_dtype
+from ._training_data import check_dataset, training_examples
 from ._validation import check_estimator_params, check_training_data
 from .dampers import BaseDamper
 from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
-from .examples import TensorExamples
+from .examples import Examples, close
 from .state import TrainState
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class _DampedNetMixin:
 
     if TYPE_CHECKING:
         # Provided by the skorch net this is mixed into (NeuralNet), except
-        # ``_prepare_target``, which DaskClassifier and DaskRegressor define.
+        # ``_target_dtype``, which DaskClassifier and DaskRegressor define.
         batch_size: int | BaseDamper | type[BaseDamper]
         device: str | torch.device | None
         history: History
@@ -64,7 +68,7 @@ class _DampedNetMixin:
 
         def get_params_for(self, prefix: str) -> dict[str, Any]: ...
 
-        def _prepare_target(self, y: torch.Tensor) -> torch.Tensor: ...
+        _target_dtype: torch.dtype | None
 
     def _init_damped_params(
         self,
@@ -153,6 +157,16 @@ class _DampedNetMixin:
         if _is_live_client(state.get("client")):
             state["client"] = None
         return state
+
+    def initialize_module(self):
+        # With a random_state the initial weights are seeded too, in a forked
+        # generator so that the program's global one is left as it was.
+        # (A random_state that is not an int is refused when fit checks its parameters.)
+        if self.random_state is None or not is_int(self.random_state):
+            return super().initialize_module()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.random_state))
+            return super().initialize_module()
 
     def initialize(self):
         # Before skorch moves the module: torch's own error names no parameter.
@@ -247,12 +261,48 @@ class _DampedNetMixin:
             device=str(self.device),
         )
 
-    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        """Raise before training when ``y`` cannot be compared with the module's output."""
+    def _check_target_shape(self, examples: Examples) -> None:
+        """Raise before training when the targets cannot be compared with the module's output."""
 
-    def _training_tensors(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        X, y = dataset_to_tensors(dataset)
-        return match_dtype(X, self.module_), self._prepare_target(y)
+    def _training_examples(self, dataset) -> Examples:
+        """How the engines reach ``dataset`` (see ``_training_data.training_examples``)."""
+        param = next(self.module_.parameters(), None)
+        loader_params = {
+            k: v
+            for k, v in self.get_params_for("iterator_train").items()
+            if k not in ("batch_size", "shuffle")
+        }
+        return training_examples(
+            dataset,
+            # Transforms are seeded only when asked: unseeded fits stay random.
+            seed=self.seed_ if self.random_state is not None else None,
+            float_dtype=param.dtype if param is not None and param.is_floating_point() else None,
+            target_dtype=self._target_dtype,
+            loader_params=loader_params,
+        )
+
+    @staticmethod
+    def _first_example(examples: Examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first training example, read by a copy of ``examples`` closed after."""
+        probe = examples.to(examples.device)
+        try:
+            return probe.take(torch.zeros(1, dtype=torch.long, device=probe.device))
+        finally:
+            close(probe)
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        # A stratified split of a dataset given without y needs its targets:
+        # torchvision-style datasets (and NpyDataset) name them ``targets``.
+        if y is None and is_dataset(X) and getattr(X, "targets", None) is not None:
+            y = np.asarray(X.targets)
+        split = self.train_split
+        if y is None and is_dataset(X) and isinstance(split, ValidSplit) and split.stratified:
+            raise ValueError(
+                f"A stratified validation split of {type(X).__name__} needs its targets: "
+                "pass them as y (fit(dataset, y=targets)), give the dataset a `targets` "
+                "attribute, or use train_split=ValidSplit(5, stratified=False) or None."
+            )
+        return super().get_split_datasets(X, y, **fit_params)
 
     # ------------------------------------------------------------ training
     def _routed_fit_params(self, routing_method: str, fit_params: dict) -> tuple[dict, dict]:
@@ -277,6 +327,7 @@ class _DampedNetMixin:
         All input checks run before any engine or cluster work starts.
         """
         check_estimator_params(self)
+        check_dataset(X)
         check_training_data(X, y)
         self.check_data(X, y)
         self.check_training_readiness()
@@ -286,9 +337,9 @@ class _DampedNetMixin:
 
         split_params, forward_params = self._routed_fit_params(_routing_method, fit_params)
         dataset_train, dataset_valid = self.get_split_datasets(X, y, **split_params)
-        X_train, y_train = self._training_tensors(dataset_train)
-        self._check_target_shape(X_train, y_train)
-        state = self._resume_or_start_state(len(X_train))
+        state = self._resume_or_start_state(len(dataset_train))
+        examples = self._training_examples(dataset_train)
+        self._check_target_shape(examples)
         iterator_valid = None
         if dataset_valid is not None:
             iterator_valid = self.get_iterator(dataset_valid, training=False)
@@ -302,7 +353,7 @@ class _DampedNetMixin:
                 self.module_,
                 self.optimizer_,
                 self.criterion_,
-                TensorExamples(X_train, y_train),
+                examples,
                 self.client,
             )
             # The Dask engines name each fit; the workers file its module and data under it.
@@ -368,6 +419,17 @@ class _DampedNetMixin:
             },
         )
 
+    # ------------------------------------------------------------ datasets as X
+    def fit(self, X, y=None, **fit_params):
+        """Train from scratch; ``X`` may be a map-style dataset of ``(x, y)`` (then no ``y``)."""
+        return super().fit(X, y, **fit_params)
+
+    def score(self, X, y=None, sample_weight=None):
+        """scikit-learn's score; for a dataset ``X`` without ``y``, its own targets."""
+        if y is None and is_dataset(X):
+            y = dataset_targets(X)
+        return super().score(X, y, sample_weight=sample_weight)
+
     # ------------------------------------------------------------ prediction
     def get_iterator(self, dataset, training=False):
         # ``batch_size`` may be a damper: prediction passes use a fixed size.
@@ -381,6 +443,15 @@ class _DampedNetMixin:
         if not isinstance(x, dict):
             x = match_dtype(to_tensor(x, device=self.device), self.module_)
         return super().infer(x, **fit_params)
+
+
+def dataset_targets(dataset) -> np.ndarray:
+    """The targets of a dataset of ``(x, y)`` items, read in order, as one array."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets)
+    loader = DataLoader(dataset, batch_size=PREDICT_BATCH_SIZE, shuffle=False)
+    return torch.cat([torch.as_tensor(batch[1]) for batch in loader]).numpy()
 
 
 _DAMPED_DOC = """
@@ -413,7 +484,16 @@ _DAMPED_DOC = """
         an unpickled estimator predicts anywhere, and trains on the current
         client or an embedded cluster unless given a new ``client``.
     random_state : int or None, default=None
-        Seeds the order of examples in every epoch.
+        Seeds everything random in a fit: the module's initial weights, the
+        order of examples in every epoch, the examples of loss estimates and,
+        for a dataset, its transforms' draws per (epoch, example). Two fits
+        with the same value give the same weights. None: a fresh seed per fit.
+    iterator_train__num_workers, iterator_train__pin_memory, iterator_train__prefetch_factor : \
+optional
+        How a map-style dataset ``X`` is read (``iterator_train__*`` are
+        ``DataLoader`` keywords): with ``num_workers >= 1``, loader processes
+        read the examples of the next update while the current one computes.
+        Arrays and tensors are gathered from memory and ignore them.
     device : str, default="cpu"
         skorch's torch device; checked before any work (``"cuda"``, ``"cuda:1"``
         or ``"mps"`` on a machine without it raise ``ValueError``).
@@ -455,8 +535,14 @@ class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
             random_state=random_state,
         )
 
-    def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
-        return y.long()
+    _target_dtype = torch.long
+
+    def check_data(self, X, y):
+        super().check_data(X, y)
+        # A dataset that names its targets (torchvision's, NpyDataset) gives its classes.
+        targets = getattr(X, "targets", None) if y is None and is_dataset(X) else None
+        if targets is not None:
+            self.classes_inferred_ = np.unique(np.asarray(targets))
 
 
 class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
@@ -502,14 +588,15 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
             random_state=random_state,
         )
 
-    def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
-        return match_dtype(y, self.module_)
+    _target_dtype = None  # floating targets take the module's dtype
 
-    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_target_shape(self, examples: Examples) -> None:
         # Elementwise losses broadcast (n, 1) predictions against (n,) targets
         # into an n x n comparison: training would run and learn the wrong thing.
         if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES):
             return
+        X, y = self._first_example(examples)
+        n = len(examples)
         module = self.module_
         was_training = module.training
         module.eval()
@@ -525,9 +612,9 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
                 else ""
             )
             raise ValueError(
-                f"y has shape {tuple(y.shape)}, but the module outputs shape "
+                f"y has shape {(n,) + tuple(y.shape[1:])}, but the module outputs shape "
                 f"{tuple(out.shape[1:])} per example, so y must have shape "
-                f"{(len(y),) + tuple(out.shape[1:])}{hint}."
+                f"{(n,) + tuple(out.shape[1:])}{hint}."
             )
 
     def get_loss(self, y_pred, y_true, *args, **kwargs):

@@ -7,9 +7,18 @@ is one new class here and no change in the engines.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import concurrent.futures
+import contextlib
+import multiprocessing
+import random
+import threading
+import warnings
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 
 @runtime_checkable
@@ -17,7 +26,12 @@ class Examples(Protocol):
     """A training set that an engine can index with a tensor of positions.
 
     Implementations must pickle (the Dask engines send them to workers) and
-    return tensors on the device given to :meth:`to`.
+    return tensors on the device given to :meth:`to`. Two methods are
+    optional, and called through :func:`prefetch` and :func:`set_epoch`:
+    ``prefetch(indices)``, a cheap hint that the next :meth:`take` will
+    likely ask for ``indices`` (a wrong guess must cost only the work
+    thrown away), and ``set_epoch(epoch)``, the epoch the coming takes
+    belong to.
     """
 
     def __len__(self) -> int: ...
@@ -56,9 +70,372 @@ class TensorExamples:
     def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.X[indices], self.y[indices]
 
+    def prefetch(self, indices: torch.Tensor) -> None:
+        """Nothing to fetch ahead: a gather from memory is the fast path."""
+
     def to(self, device: torch.device | str) -> TensorExamples:
         return TensorExamples(self.X.to(device), self.y.to(device))
 
     @property
     def device(self) -> torch.device:
         return self.X.device
+
+
+def prefetch(examples: Examples, indices: torch.Tensor) -> None:
+    """Tell ``examples`` which indices are likely asked for next (a hint; may be ignored)."""
+    hint = getattr(examples, "prefetch", None)
+    if hint is not None:
+        hint(indices)
+
+
+def set_epoch(examples: Examples, epoch: int) -> None:
+    """Tell ``examples`` the epoch that the coming :meth:`~Examples.take` calls belong to.
+
+    Datasets seed their transforms from it (see :class:`DatasetExamples`);
+    in-memory examples have nothing to do.
+    """
+    setter = getattr(examples, "set_epoch", None)
+    if setter is not None:
+        setter(epoch)
+
+
+def close(examples: Examples) -> None:
+    """Release what ``examples`` started (loader processes), if it has a ``close``."""
+    closer = getattr(examples, "close", None)
+    if closer is not None:
+        closer()
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for the draw of example ``index`` in ``epoch`` (splitmix64 mixing).
+
+    Cheap (it runs once per example used) and different for every triple in practice.
+    """
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
+class _SeededItems(TorchDataset):
+    """``dataset[i]`` for keys ``(epoch, i)``, its randomness seeded from ``(seed, epoch, i)``.
+
+    The global torch, NumPy and ``random`` generators are seeded before the
+    item and restored after it, so that a transform draws the same values for
+    the same (seed, epoch, example) on any rank, worker or loader process, and
+    the rest of the program sees its generators untouched. With ``seed=None``
+    the item is read as it is (fresh draws, not reproducible).
+    """
+
+    def __init__(self, dataset: TorchDataset, seed: int | None):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        if self.seed is None:
+            return self.dataset[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        # A DataLoader fetches a whole batch through this: the generators are
+        # saved and restored once per batch (saving NumPy's costs ~0.1 ms).
+        if self.seed is None:
+            return [self.dataset[index] for _, index in keys]
+        seed = self.seed
+        with _restored_generators():
+            return [_seeded_read(self.dataset, item_seed(seed, e, i), i) for e, i in keys]
+
+
+@contextlib.contextmanager
+def _restored_generators():
+    """Restore the global torch, NumPy and ``random`` generators on leaving."""
+    torch_state, np_state, py_state = (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+    )
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def _seeded_read(dataset: TorchDataset, seed: int, index: int):
+    # The generator's own manual_seed: torch.manual_seed also seeds every
+    # accelerator, a hundred times slower per call.
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return dataset[index]
+
+
+def seeded_item(dataset: TorchDataset, seed: int, index: int):
+    """``dataset[index]`` with the global generators seeded by ``seed``, then restored."""
+    with _restored_generators():
+        return _seeded_read(dataset, seed, index)
+
+
+class _Requests:
+    """A batch sampler that yields the batches last asked for.
+
+    A persistent ``DataLoader`` re-iterates its batch sampler at every
+    ``iter(loader)``; setting :attr:`batches` first hands its worker
+    processes the next request without starting them again.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# Loader settings that DatasetExamples decides itself.
+_OWN_LOADER_KEYS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "dataset")
+
+
+class DatasetExamples:
+    """Examples read from a map-style ``torch.utils.data.Dataset`` at every use.
+
+    ``take(indices)`` loads ``dataset[i]`` for each index through a
+    ``DataLoader`` (collated as usual), so a random transform draws anew
+    every time an example is used, in the process that uses it. Only the
+    dataset object travels to Dask workers: a dataset that opens its files on
+    first use (:class:`adadamp.data.NpyDataset`) is read on the worker, only
+    for the examples it uses.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        Map-style: ``len(dataset)`` and ``dataset[i] -> (x, y)``.
+    seed : int or None, default=None
+        Seeds each example's draw from ``(seed, epoch, index)``; None draws freely.
+    float_dtype : torch.dtype or None, default=None
+        Floating inputs (and floating targets, unless ``target_dtype`` is
+        given) are cast to it: the module's dtype.
+    target_dtype : torch.dtype or None, default=None
+        The targets' dtype (``torch.long`` for a classifier).
+    loader_params : dict or None, default=None
+        ``DataLoader`` keywords (the estimator's ``iterator_train__*``):
+        ``num_workers`` (loader processes; with one or more, the next
+        update's examples load while the current one computes),
+        ``pin_memory``, ``prefetch_factor``, ``collate_fn``,
+        ``worker_init_fn``, ``multiprocessing_context``, ... Batching and
+        order are the engine's: ``batch_size``, ``shuffle`` and samplers are
+        ignored.
+    """
+
+    def __init__(
+        self,
+        dataset: TorchDataset,
+        seed: int | None = None,
+        float_dtype: torch.dtype | None = None,
+        target_dtype: torch.dtype | None = None,
+        loader_params: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.dataset = dataset
+        self.seed = seed
+        self.float_dtype, self.target_dtype = float_dtype, target_dtype
+        self.loader_params = {
+            k: v for k, v in (loader_params or {}).items() if k not in _OWN_LOADER_KEYS
+        }
+        self._device = torch.device(device)
+        self.epoch = 0
+        self._loader: DataLoader | None = None
+        self._requests = _Requests()
+        self._pending: tuple[list[list[tuple[int, int]]], concurrent.futures.Future] | None = None
+        # Worker threads of one Dask worker may share these examples.
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: torch.device | str) -> DatasetExamples:
+        return DatasetExamples(
+            self.dataset,
+            self.seed,
+            self.float_dtype,
+            self.target_dtype,
+            self.loader_params,
+            device,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the coming takes: it seeds the transforms' draws."""
+        if epoch != self.epoch:
+            self._pending = None
+        self.epoch = epoch
+
+    # ------------------------------------------------------------ loading
+    @property
+    def num_workers(self) -> int:
+        """Loader processes used here: none inside a daemonic process (it may not fork)."""
+        wanted = int(self.loader_params.get("num_workers", 0))
+        if wanted and multiprocessing.current_process().daemon:
+            _warn_daemonic(wanted)
+            return 0
+        return wanted
+
+    def _batches(self, indices: torch.Tensor) -> list[list[tuple[int, int]]]:
+        keys = [(self.epoch, int(i)) for i in indices.tolist()]
+        parts = max(1, min(self.num_workers, len(keys)))
+        size = -(-len(keys) // parts)
+        return [keys[start : start + size] for start in range(0, len(keys), size)]
+
+    def _open_loader(self) -> DataLoader:
+        if self._loader is None:
+            params = dict(self.loader_params)
+            params["num_workers"] = self.num_workers
+            if params["num_workers"] == 0:
+                params.pop("prefetch_factor", None)
+                params.pop("persistent_workers", None)
+            else:
+                # Workers live as long as these examples: starting them is
+                # far dearer than one update.
+                params["persistent_workers"] = True
+                if "fork" in multiprocessing.get_all_start_methods():
+                    # A Dask worker's default start method is spawn, which
+                    # pickles the dataset by reference and so fails for a
+                    # class defined in the fitting script (Dask sent it by
+                    # value); fork, torch's usual default on Linux, copies it.
+                    params.setdefault("multiprocessing_context", "fork")
+            if self.seed is not None:
+                # The loader draws its workers' base seed from this
+                # generator, not from (and so without advancing) the global one.
+                params.setdefault("generator", torch.Generator().manual_seed(self.seed))
+            params["pin_memory"] = bool(params.get("pin_memory")) and self._device.type == "cuda"
+            self._loader = DataLoader(
+                _SeededItems(self.dataset, self.seed), batch_sampler=self._requests, **params
+            )
+        return self._loader
+
+    def _load(self, batches: list[list[tuple[int, int]]]) -> list:
+        """The collated ``batches``; with loader processes, run only in :attr:`_thread`."""
+        self._requests.batches = batches
+        iterator = iter(self._open_loader())
+        return [next(iterator) for _ in batches]
+
+    @property
+    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One thread talks to the loader processes, so that the wait for a
+        # batch (and the loader's own hand-shake per request) happens beside
+        # the computation rather than in it. It touches no random generator:
+        # the draws happen in the loader processes.
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, "adadamp-loader")
+        return self._executor
+
+    def prefetch(self, indices: torch.Tensor) -> None:
+        """Start loading ``indices`` in the loader processes (only with ``num_workers >= 1``)."""
+        if self.num_workers == 0 or not len(indices):
+            return
+        batches = self._batches(indices)
+        with self._lock:
+            # An unused guess is dropped: its results are never read.
+            self._pending = (batches, self._thread.submit(self._load, batches))
+
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = self._batches(indices)
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == batches:
+                parts = pending[1].result()
+            elif self.num_workers:
+                parts = self._thread.submit(self._load, batches).result()
+            else:
+                parts = self._load(batches)
+        X, y = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
+        return self._cast(X, y)
+
+    def _cast(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:
+        X, y = cast_pair(_as_tensor(X), _as_tensor(y), self.float_dtype, self.target_dtype)
+        non_blocking = self._device.type == "cuda"
+        return X.to(self._device, non_blocking=non_blocking), y.to(
+            self._device, non_blocking=non_blocking
+        )
+
+    def close(self) -> None:
+        """Stop the loader processes (they also stop when these examples are collected)."""
+        self._pending, self._loader = None, None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __getstate__(self) -> dict:
+        # Loader processes and their queues belong to this process: a copy
+        # (on a Dask worker) starts its own.
+        state = self.__dict__.copy()
+        state["_loader"], state["_pending"], state["_requests"] = None, None, _Requests()
+        state["_executor"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def cast_pair(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    float_dtype: torch.dtype | None,
+    target_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets in the dtypes the module computes with.
+
+    Floating inputs take ``float_dtype`` (scikit-learn emits float64, modules
+    are float32); targets take ``target_dtype`` if given, else floating ones
+    take ``float_dtype``.
+    """
+    X, y = _as_tensor(X), _as_tensor(y)
+    if float_dtype is not None and X.is_floating_point():
+        X = X.to(float_dtype)
+    if target_dtype is not None:
+        y = y.to(target_dtype)
+    elif float_dtype is not None and y.is_floating_point():
+        y = y.to(float_dtype)
+    return X, y
+
+
+def _as_tensor(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, (list, tuple)):
+        raise TypeError(
+            "The dataset's items must be (x, y) with x and y a tensor, array or number "
+            f"each; one of them collated to a {type(data).__name__}."
+        )
+    return torch.as_tensor(data)
+
+
+_WARNED_DAEMONIC = False
+
+
+def _warn_daemonic(wanted: int) -> None:
+    global _WARNED_DAEMONIC
+    if not _WARNED_DAEMONIC:
+        _WARNED_DAEMONIC = True
+        warnings.warn(
+            f"iterator_train__num_workers={wanted} ignored in this daemonic process (a Dask "
+            "worker started with distributed.worker.daemon=True may not start loader "
+            "processes): examples load in the worker itself. Set "
+            'dask.config.set({"distributed.worker.daemon": False}) before starting the '
+            "cluster to load in loader processes.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

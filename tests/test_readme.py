@@ -38,7 +38,7 @@ def _table(printed: str) -> dict[str, list[float]]:
 
 
 def test_every_python_block_is_covered_by_a_test():
-    covered = ("DaskRegressor(", "LocalCluster(")
+    covered = ("DaskRegressor(", "LocalCluster(", "ShiftedDigits(")
     assert len(BLOCKS) == len(covered)
     assert all(any(m in b for b in BLOCKS) for m in covered)
 
@@ -58,3 +58,12 @@ def test_cluster_example_grows_the_workers_with_the_batch(tmp_path):
     assert table["batch_size"] == [32, 32, 64, 64, 128, 128]
     assert table["workers"] == [1, 1, 2, 2, 4, 4]
     assert table["valid_acc"][-1] > 0.8
+
+
+def test_dataset_example_trains_on_fresh_shifts(tmp_path):
+    printed = _run(_block("ShiftedDigits("), tmp_path)
+    table = _table(printed)
+    assert table["epoch"] == list(range(1, 9))
+    assert table["valid_acc"][-1] > 0.7  # about 0.8: the shifts make it harder than plain digits
+    accuracy = float(printed.rsplit("accuracy on freshly shifted digits:", 1)[1].split()[0])
+    assert accuracy > 0.7

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 import time
 import uuid
 from typing import Any
 
+import cloudpickle
 import torch
 from distributed import wait
+from distributed.scheduler import KilledWorker
 from torch import nn
 
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
-from ..examples import Examples
+from ..examples import Examples, TensorExamples
 from ..scaling import WorkerScaler
 from ..schedule import advance, next_update
 from ..state import TrainState
@@ -26,10 +29,63 @@ from .base import Engine, TrainConfig
 DEFAULT_START_LATENCY_S = 5.0
 # Updates planned ahead at most (the rest of a long fit is planned in turn).
 MAX_PLANNED_UPDATES = 20_000
+# Seconds the fit's payload may take to reach the cluster before the fit gives up.
+PAYLOAD_TIMEOUT_S = 60.0
+# A worker holds the payload, its module copy and the update's tensors: the
+# training data may take at most this fraction of its memory limit.
+PAYLOAD_MEMORY_FRACTION = 0.5
+
+_LAZY_HINT = (
+    "pass a dataset that opens its files lazily on the worker instead (such as "
+    "adadamp.data.NpyDataset for .npy files; see the README, 'Data that does not fit "
+    "in memory'), or give each worker more memory."
+)
 
 
 def _hold(value):
     return value
+
+
+class _ByteCounter:
+    """A file that only counts what is written to it (and out-of-band buffers)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data) -> int:
+        self.n += len(data)
+        return len(data)
+
+    def buffer(self, buf: pickle.PickleBuffer) -> None:
+        self.n += buf.raw().nbytes
+
+
+def examples_nbytes(examples: Examples, backend: str) -> int:
+    """How many bytes ``examples`` take pickled; raise a clear error if they cannot be.
+
+    In-memory tensors are counted without pickling (that would copy them).
+    Runs before any cluster work: a dataset that cannot travel to the
+    workers should fail here, not in a worker.
+    """
+    if isinstance(examples, TensorExamples):
+        return examples.X.nbytes + examples.y.nbytes
+    counter = _ByteCounter()
+    try:
+        cloudpickle.Pickler(counter, protocol=5, buffer_callback=counter.buffer).dump(examples)
+    except Exception as exc:
+        data = getattr(examples, "dataset", examples)
+        raise TypeError(
+            f"The training data ({type(data).__name__}) cannot be pickled, and the "
+            f"{backend!r} backend sends it to every Dask worker: {exc!r}. Hold file paths "
+            "rather than open files, locks or connections (open them on first "
+            "__getitem__, drop them in __getstate__: see adadamp.data), or use "
+            "backend='local'."
+        ) from exc
+    return counter.n
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 class DaskEngine(Engine):
@@ -67,6 +123,7 @@ class DaskEngine(Engine):
         self.config = config
         self.module, self.optimizer = module, optimizer
         self.n_examples = len(examples)
+        self._examples_nbytes = examples_nbytes(examples, self.name)
         handle = self._exit.enter_context(
             cluster_client(
                 client,
@@ -76,6 +133,7 @@ class DaskEngine(Engine):
             )
         )
         self.client = handle.client
+        self.check_fits_in_workers(examples)
         self.scaler = WorkerScaler(handle)
         # A fit grows the cluster it is given as it needs, and shrinks it no
         # further than it found it: those workers were there for a reason.
@@ -101,37 +159,43 @@ class DaskEngine(Engine):
         try:
             self.warmer.wait(timeout=self.scaler.timeout)
         except Exception as error:
-            raise self._cannot_hold(error) from error
+            raise self._payload_error(error) from error
 
-    def ensure_payload(self) -> _worker.PayloadRef:
-        """The payload's handle (created on first use).
+    def check_fits_in_workers(self, examples: Examples) -> None:
+        """Raise before placing the payload when its data would not fit in a worker's memory."""
+        limits = {
+            address: info.get("memory_limit") or 0
+            for address, info in self.client.scheduler_info()["workers"].items()
+        }
+        limited = {a: m for a, m in limits.items() if m}
+        if not limited:
+            return
+        address, limit = min(limited.items(), key=lambda item: item[1])
+        if self._examples_nbytes > PAYLOAD_MEMORY_FRACTION * limit:
+            data = getattr(examples, "dataset", examples)
+            raise ValueError(
+                f"The training data ({type(data).__name__}, {_gb(self._examples_nbytes)} "
+                f"pickled) does not fit in Dask worker {address} (memory limit "
+                f"{_gb(limit)}; every worker holds a copy, within "
+                f"{PAYLOAD_MEMORY_FRACTION:.0%} of its limit): {_LAZY_HINT}"
+            )
 
-        Raises the cluster's error at once when the payload cannot be built
-        there (a scheduler or worker that cannot unpickle the module, a worker
-        that dies holding it): workers waiting for it would wait forever.
-        """
-        if self.payload_future is None:
-            future = self.hold(self._payload)
-            with self.client.as_current():
-                wait([future])
-            if future.status == "error":
-                error = future.exception()
-                future.release()
-                raise self._cannot_hold(error) from error
-            self.payload_future = future
-            assert self.fit_id is not None  # start() named the fit
-            self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
-            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
-        return self.payload_ref
-
-    def ready_workers(self) -> list[str]:
-        """The available workers that hold the fit's model (see :mod:`._warm`)."""
-        assert self.warmer is not None  # start() made it
-        return self.warmer.ready()
-
-    def _cannot_hold(self, error: BaseException) -> RuntimeError:
-        """The error for a payload the scheduler or a worker could not take in."""
+    def _payload_error(self, error: BaseException | None) -> RuntimeError:
+        """The error to raise when the payload could not be placed on the cluster."""
         payload = self._payload
+        size = _gb(self._examples_nbytes)
+        if error is None:
+            return RuntimeError(
+                f"The fit's module and data ({size} of data) did not reach a Dask worker "
+                f"within {PAYLOAD_TIMEOUT_S:.0f} s (workers dying while loading it, or none "
+                f"available): {_LAZY_HINT}"
+            )
+        if isinstance(error, (KilledWorker, MemoryError)):
+            return RuntimeError(
+                f"Dask workers died while loading the fit's module and data ({size} of "
+                f"{type(payload.examples).__name__}; {error!r}), most likely over their "
+                f"memory limit: {_LAZY_HINT}"
+            )
         classes = ", ".join(
             f"{cls.__module__}.{cls.__qualname__}"
             for cls in (type(payload.module), type(payload.criterion),
@@ -143,6 +207,36 @@ class DaskEngine(Engine):
             "install the code that defines them there, or define them in the "
             "script that fits (Dask then sends them by value)."
         )
+
+    def ensure_payload(self) -> _worker.PayloadRef:
+        """The payload's handle (created on first use).
+
+        Raises the cluster's error at once when the payload cannot be built
+        there (a scheduler or worker that cannot unpickle the module, a worker
+        that dies holding it): workers waiting for it would wait forever.
+        """
+        if self.payload_future is None:
+            future = self.hold(self._payload)
+            with self.client.as_current():
+                try:
+                    wait([future], timeout=PAYLOAD_TIMEOUT_S)
+                except TimeoutError:
+                    future.cancel()
+                    raise self._payload_error(None) from None
+            if future.status == "error":
+                error = future.exception()
+                future.release()
+                raise self._payload_error(error) from error
+            self.payload_future = future
+            assert self.fit_id is not None  # start() named the fit
+            self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
+            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
+        return self.payload_ref
+
+    def ready_workers(self) -> list[str]:
+        """The available workers that hold the fit's model (see :mod:`._warm`)."""
+        assert self.warmer is not None  # start() made it
+        return self.warmer.ready()
 
     def hold(self, value):
         """A future of ``value`` that the cluster can always rebuild.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..dampers import BaseDamper
-from ..examples import Examples
+from ..examples import Examples, prefetch
 from ..schedule import UpdatePlan, advance, next_update
 from ..state import TrainState
 from . import _step
@@ -86,11 +86,19 @@ def training_loss(
     return float(sums.sum()) / sum(len(c) for c in chunks)
 
 
-def rank_gradient(model: RankModel, indices: torch.Tensor) -> float:
-    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss."""
+def rank_gradient(
+    model: RankModel, indices: torch.Tensor, upcoming: torch.Tensor | None = None
+) -> float:
+    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss.
+
+    ``upcoming``, the slice this rank will likely need next, starts loading
+    once this one is in hand, so that it loads while this one computes.
+    """
     if not len(indices):
         return 0.0
     X, y = model.examples.take(indices)
+    if upcoming is not None:
+        prefetch(model.examples, upcoming)
     return _step.accumulate_gradient_sum(
         model.module, model.criterion, X, y, model.config.worker_max_batch_size
     )
@@ -174,7 +182,11 @@ def run_updates(
             if stop_vote is not None and stop_vote():
                 flat[-3] = 1
             if hi > lo:
-                flat[-2] = rank_gradient(model, order[offset + lo : offset + hi])
+                # The next update's slice, if its batch size is this one's: a guess
+                # that the examples may use to load ahead (a wrong one is dropped).
+                ahead = offset + plan.batch_size
+                upcoming = order[ahead + lo : ahead + hi] if ahead + hi <= n else None
+                flat[-2] = rank_gradient(model, order[offset + lo : offset + hi], upcoming)
                 if damper.needs_grad_stats:
                     flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
             reducer.all_reduce(flat)

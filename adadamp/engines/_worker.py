@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..examples import Examples
+from ..examples import Examples, close
 from ._loop import RankModel
 from .base import TrainConfig
 
@@ -222,7 +222,9 @@ def data_arrivals(fit_id: str) -> int:
 
 def release(fit_id: str) -> None:
     """Forget a finished fit's module and data, and give the memory back."""
-    _MODELS.pop(fit_id, None)
+    model = _MODELS.pop(fit_id, None)
+    if model is not None:
+        close(model.examples)  # loader processes, if the examples started any
     for token in [t for t in _RENDEZVOUS if t.startswith(fit_id)]:
         _RENDEZVOUS.pop(token).close()
     if _ALLOCATOR_TUNED:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dampers import BaseDamper
+from ..examples import set_epoch
 from ..scaling import WorkerCountRule
 from ..schedule import UpdatePlan, advance, epoch_permutation, next_update
 from ..state import TrainState
@@ -61,10 +62,15 @@ class UpdateInfo:
 
 
 def gradient_task(
-    payload: _worker.PayloadRef, weights: Weights, indices: torch.Tensor, needs_stats: bool
+    payload: _worker.PayloadRef,
+    weights: Weights,
+    indices: torch.Tensor,
+    needs_stats: bool,
+    epoch: int,
 ) -> tuple[list[torch.Tensor], float, float, int]:
     """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
     model = _worker.worker_model(payload)
+    set_epoch(model.examples, epoch)
     _worker.load_state(model, weights.module_state, None, weights.token)
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
@@ -104,9 +110,12 @@ def update_task(
     return new, weights_of(new), UpdateInfo(loss, stats, time.time())
 
 
-def loss_task(payload: _worker.PayloadRef, weights: Weights, chunks: list) -> list[float]:
-    """The summed loss of each chunk, at ``weights``."""
+def loss_task(
+    payload: _worker.PayloadRef, weights: Weights, chunks: list, epoch: int
+) -> list[float]:
+    """The summed loss of each chunk, at ``weights``, read as in ``epoch``."""
     model = _worker.worker_model(payload)
+    set_epoch(model.examples, epoch)
     _worker.load_state(model, weights.module_state, None, weights.token)
     return [chunk_loss(model, chunk) for chunk in chunks]
 
@@ -164,7 +173,7 @@ class CentralizedEngine(DaskEngine):
         while offset < n:
             if damper.needs_loss and damper.loss_due(state):
                 flush()
-                state.train_loss = self._training_loss(damper, state, weights)
+                state.train_loss = self._training_loss(damper, state, weights, epoch)
             plan = next_update(damper, state, config.max_batch_size, offset)
             wanted = config.workers_for(plan.full_batch_size)
             if self._rule is None:
@@ -184,6 +193,7 @@ class CentralizedEngine(DaskEngine):
                     weights,
                     batch[lo:hi].clone(),
                     damper.needs_grad_stats,
+                    epoch,
                     workers=[w],
                     allow_other_workers=True,
                     pure=False,
@@ -216,7 +226,7 @@ class CentralizedEngine(DaskEngine):
         self.adopt_state(final.module_state, final.optimizer_state)
         self.epochs_run += 1
 
-    def _training_loss(self, damper: BaseDamper, state: TrainState, weights) -> float:
+    def _training_loss(self, damper: BaseDamper, state: TrainState, weights, epoch: int) -> float:
         workers = self.scaler.workers()
         chunks = loss_chunks(self.config, damper, state, self.n_examples)
         parts = [
@@ -225,6 +235,7 @@ class CentralizedEngine(DaskEngine):
                 self.ensure_payload(),
                 weights,
                 chunks[lo:hi],
+                epoch,
                 workers=[w],
                 allow_other_workers=True,
                 pure=False,

@@ -41,6 +41,7 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from ..dampers import BaseDamper
+from ..examples import set_epoch
 from ..scaling import WorkerCountRule, available_workers
 from ..schedule import epoch_permutation
 from ..state import TrainState
@@ -217,6 +218,7 @@ def run_epoch_part(
             model.module.load_state_dict(order.module_state)
         epoch, offset = order.epoch, 0
     permutation = epoch_permutation(config.seed, epoch, len(model.examples))
+    set_epoch(model.examples, epoch)
     records: list[UpdateRecord] = []
     offset, stopped_at = run_updates(
         model,

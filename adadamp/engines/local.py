@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..dampers import BaseDamper
-from ..examples import Examples
+from ..examples import Examples, close, set_epoch
 from ..schedule import epoch_permutation
 from ..state import TrainState
 from ._loop import RankModel, Reducer, run_updates
@@ -35,7 +35,13 @@ class LocalEngine(Engine):
         self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
     ) -> None:
         examples = self.model.examples
+        set_epoch(examples, epoch)
         order = torch.from_numpy(
             epoch_permutation(self.model.config.seed, epoch, len(examples))
         ).to(examples.device)
         run_updates(self.model, damper, state, order, 0, Reducer(), on_update)
+
+    def close(self) -> None:
+        model = getattr(self, "model", None)
+        if model is not None:
+            close(model.examples)

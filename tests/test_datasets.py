@@ -1,0 +1,322 @@
+"""Map-style datasets as training data: read at every use, seeded, on every engine."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from estimator_helpers import MLP, digits, one_torch_thread, weights  # noqa: F401
+from skorch.dataset import ValidSplit
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from adadamp import DaskClassifier
+from adadamp._training_data import training_examples
+from adadamp.data import NpyDataset
+from adadamp.examples import DatasetExamples, TensorExamples
+
+N = 96
+
+
+class Digits(Dataset):
+    """The digits as a plain map-style dataset (no transform)."""
+
+    def __init__(self, n: int = N):
+        self.X, self.y = digits(n)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+class ShiftedDigits(Digits):
+    """Each use adds a random shift, and appends ``pid index shift`` to a log file."""
+
+    def __init__(self, log: str, n: int = N):
+        super().__init__(n)
+        self.log = log
+
+    def __getitem__(self, i):
+        shift = float(torch.rand(()))
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {i} {shift!r}\n")
+        return self.X[i] + shift, self.y[i]
+
+
+def draws(log: str) -> dict[int, list[tuple[int, float]]]:
+    """index -> [(pid, shift), ...] in the order drawn."""
+    out: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    with open(log) as f:
+        for line in f:
+            pid, index, shift = line.split()
+            out[int(index)].append((int(pid), float(shift)))
+    return out
+
+
+def estimator(**kwargs) -> DaskClassifier:
+    params = dict(
+        batch_size=32,
+        max_epochs=3,
+        train_split=None,
+        backend="local",
+        random_state=0,
+        verbose=0,
+        lr=0.1,
+    )
+    params.update(kwargs)
+    return DaskClassifier(MLP, **params)
+
+
+def max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(weights(a), weights(b)))
+
+
+# --------------------------------------------------------------------------- choosing examples
+
+
+def test_arrays_and_tensor_datasets_keep_the_gather_path():
+    X, y = digits(10)
+    common = dict(seed=0, float_dtype=torch.float32, target_dtype=torch.long)
+    tensors = training_examples(TensorDataset(torch.tensor(X), torch.tensor(y)), **common)
+    assert isinstance(tensors, TensorExamples)
+    assert isinstance(training_examples(Digits(10), **common), DatasetExamples)
+
+
+def test_dataset_examples_cast_and_pickle_small(tmp_path):
+    examples = DatasetExamples(Digits(10), float_dtype=torch.float64, target_dtype=torch.long)
+    X, y = examples.take(torch.tensor([3, 1]))
+    assert X.dtype == torch.float64 and y.dtype == torch.long
+    np.testing.assert_array_equal(X.numpy(), digits(10)[0][[3, 1]])
+    np.save(tmp_path / "X.npy", digits(10)[0])
+    np.save(tmp_path / "y.npy", digits(10)[1])
+    ds = NpyDataset(tmp_path / "X.npy", tmp_path / "y.npy")
+    ds[0]  # opened here
+    assert len(pickle.dumps(DatasetExamples(ds))) < 2000
+
+
+# --------------------------------------------------------------------------- draws per use
+
+
+def test_augmentation_is_drawn_afresh_every_epoch_locally(tmp_path):
+    log = str(tmp_path / "draws.txt")
+    estimator(max_epochs=3).fit(ShiftedDigits(log))
+    drawn = draws(log)
+    # Index 0 is read once more on the client, to check the items are pairs.
+    for index in range(1, N):
+        shifts = [s for _, s in drawn[index]]
+        assert len(shifts) == 3, (index, shifts)
+        assert len(set(shifts)) == 3, (index, shifts)
+
+
+@pytest.mark.parametrize("backend", ["centralized", "decentralized"])
+def test_augmentation_is_drawn_on_the_workers_every_epoch(tmp_path, dask_client, backend):
+    log = str(tmp_path / "draws.txt")
+    local_log = str(tmp_path / "local.txt")
+    est = estimator(backend=backend, client=dask_client, max_epochs=2, min_workers=2)
+    est.fit(ShiftedDigits(log))
+    ref = estimator(max_epochs=2).fit(ShiftedDigits(local_log))
+    drawn, local = draws(log), draws(local_log)
+    me = os.getpid()
+    for index in range(1, N):
+        on_workers = [(pid, s) for pid, s in drawn[index] if pid != me]
+        assert len(on_workers) == 2, (index, drawn[index])
+        assert on_workers[0][1] != on_workers[1][1]
+        # Seeded per (epoch, example): the same draws as the local engine's.
+        assert [s for _, s in on_workers] == [s for _, s in local[index]]
+    assert len({pid for entries in drawn.values() for pid, _ in entries} - {me}) == 2
+    assert max_diff(est, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------- reproducible
+
+
+def test_same_random_state_same_weights_and_global_rng_untouched(tmp_path):
+    before = torch.get_rng_state()
+    a = estimator().fit(ShiftedDigits(str(tmp_path / "a.txt")))
+    assert torch.equal(torch.get_rng_state(), before)
+    b = estimator().fit(ShiftedDigits(str(tmp_path / "b.txt")))
+    assert max_diff(a, b) == 0.0
+    c = estimator(random_state=1).fit(ShiftedDigits(str(tmp_path / "c.txt")))
+    assert max_diff(a, c) > 1e-3
+
+
+def test_without_random_state_fits_differ(tmp_path):
+    a = estimator(random_state=None, max_epochs=1).fit(Digits())
+    b = estimator(random_state=None, max_epochs=1).fit(Digits())
+    assert max_diff(a, b) > 1e-4
+
+
+def test_loader_processes_give_the_same_weights(tmp_path):
+    a = estimator().fit(ShiftedDigits(str(tmp_path / "a.txt")))
+    b = estimator(iterator_train__num_workers=2).fit(ShiftedDigits(str(tmp_path / "b.txt")))
+    assert max_diff(a, b) == 0.0
+    pids = {pid for entries in draws(str(tmp_path / "b.txt")).values() for pid, _ in entries}
+    assert len(pids - {os.getpid()}) == 2  # the draws ran in the loader processes
+
+
+# --------------------------------------------------------------------------- same semantics
+
+
+def test_dataset_trains_as_the_same_arrays():
+    X, y = digits(N)
+    arrays = estimator().fit(X, y)
+    dataset = estimator().fit(Digits())
+    assert max_diff(arrays, dataset) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers"), [("decentralized", 1), ("decentralized", 2), ("centralized", 2)]
+)
+def test_dataset_agrees_across_engines(dask_client, backend, workers):
+    ref = estimator(max_epochs=2).fit(Digits())
+    est = estimator(max_epochs=2, backend=backend, client=dask_client, min_workers=workers)
+    est.fit(Digits())
+    assert max_diff(ref, est) < 1e-5
+
+
+def test_npy_dataset_trains_on_a_process_cluster(tmp_path, dask_client):
+    X, y = digits(N)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    ds = NpyDataset(tmp_path / "X.npy", tmp_path / "y.npy")
+    est = estimator(max_epochs=2, backend="decentralized", client=dask_client)
+    est.fit(ds)
+    ref = estimator(max_epochs=2).fit(X, y)
+    assert max_diff(ref, est) < 1e-5
+    assert est.score(ds) == pytest.approx(ref.score(X, y))
+
+
+# --------------------------------------------------------------------------- the surface
+
+
+def test_fit_predict_score_and_partial_fit_on_a_dataset():
+    X, y = digits(N)
+    est = estimator().fit(Digits())
+    np.testing.assert_array_equal(est.predict(Digits()), est.predict(X))
+    assert est.predict_proba(Digits()).shape == (N, 10)
+    assert est.score(Digits()) == est.score(X, y)
+    updates = est.train_state_.model_updates
+    est.partial_fit(Digits())
+    assert est.train_state_.model_updates == 2 * updates  # max_epochs more epochs
+
+
+def test_validation_split_of_a_dataset(tmp_path):
+    X, y = digits(N)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    stratified = estimator(train_split=ValidSplit(4, stratified=True), max_epochs=1)
+    stratified.fit(NpyDataset(tmp_path / "X.npy", tmp_path / "y.npy"))
+    assert "valid_loss" in stratified.history_[-1]
+    assert stratified.train_state_.n_examples == N * 3 // 4
+    # Without `targets`, skorch's scorers need the classes named.
+    plain = estimator(
+        train_split=ValidSplit(4, stratified=False), max_epochs=1, classes=list(range(10))
+    ).fit(Digits())
+    assert "valid_acc" in plain.history_[-1]
+    with pytest.raises(ValueError, match="stratified validation split of Digits needs its targets"):
+        estimator(train_split=ValidSplit(4, stratified=True), max_epochs=1).fit(Digits())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from zip(*digits(10))
+
+
+class Inputs(Digits):
+    def __getitem__(self, i):
+        return self.X[i]
+
+
+class Empty(Digits):
+    def __len__(self) -> int:
+        return 0
+
+
+class Locked(Digits):
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_iterable_dataset_is_refused():
+    with pytest.raises(TypeError, match="IterableDataset.*map-style"):
+        estimator().fit(Stream())
+
+
+def test_items_that_are_not_pairs_are_refused():
+    with pytest.raises(TypeError, match=r"X\[0\] is a ndarray, not an \(x, y\) pair"):
+        estimator().fit(Inputs())
+
+
+def test_empty_dataset_is_refused():
+    with pytest.raises(ValueError, match="length 0"):
+        estimator().fit(Empty())
+
+
+@pytest.mark.parametrize("backend", ["centralized", "decentralized"])
+def test_unpicklable_dataset_is_refused_before_any_cluster(backend):
+    # No client: had it got that far, the fit would start a cluster of its own.
+    with pytest.raises(TypeError, match="Locked.*cannot be pickled.*backend='local'"):
+        estimator(backend=backend).fit(Locked())
+    assert estimator(backend="local", max_epochs=1).fit(Locked()).history_
+
+
+class Mapped(Dataset):
+    """A dataset holding an open memory map: pickling it ships the whole array."""
+
+    def __init__(self, path: str, n: int):
+        self.X = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(n, 64))
+        self.y = np.zeros(n, dtype="int64")
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return np.array(self.X[i]), self.y[i]
+
+
+def test_data_larger_than_a_worker_is_refused_with_the_fix(tmp_path):
+    from distributed import Client, LocalCluster
+
+    # A sparse file: 640 MB mapped, nothing read.
+    data = Mapped(str(tmp_path / "big.npy"), 2_500_000)
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, memory_limit="1GiB", dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        with pytest.raises(ValueError, match=r"does not fit in Dask worker .*NpyDataset"):
+            estimator(backend="decentralized", client=client).fit(data)
+
+
+class DiesOnWorkers(Digits):
+    """Kills the process that unpickles it, unless that is the process that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.home = os.getpid()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.getpid() != self.home:
+            os._exit(1)  # as the kernel or Dask's memory monitor would end a worker
+
+
+@pytest.mark.slow
+def test_workers_dying_while_loading_the_data_fail_the_fit_within_a_minute(fresh_dask_client):
+    import time
+
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="died while loading.*lazily") as error:
+        estimator(backend="decentralized", client=fresh_dask_client).fit(DiesOnWorkers())
+    assert time.monotonic() - began < 60, error.value
