@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from ._batch_size_param import resolve_damper
 from ._devices import check_device
+from ._inputs import plain_input, sparse_examples
 from ._tensors import dataset_to_tensors, match_dtype
 from ._validation import check_estimator_params, check_training_data
 from .dampers import BaseDamper
 from .engines import Engine, TrainConfig, UpdateRecord, resolve_engine
-from .examples import TensorExamples
+from .examples import Examples, TensorExamples
 from .state import TrainState
 
 if TYPE_CHECKING:
@@ -247,12 +248,22 @@ class _DampedNetMixin:
             device=str(self.device),
         )
 
-    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_target_shape(self, examples: Examples) -> None:
         """Raise before training when ``y`` cannot be compared with the module's output."""
 
     def _training_tensors(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         X, y = dataset_to_tensors(dataset)
         return match_dtype(X, self.module_), self._prepare_target(y)
+
+    def _training_examples(self, dataset) -> Examples:
+        """How the engines read the training set: sparse rows, or two tensors."""
+        sparse = sparse_examples(dataset, self.module_, self._prepare_target)
+        return sparse if sparse is not None else TensorExamples(*self._training_tensors(dataset))
+
+    def get_dataset(self, X, y=None):
+        # Every input passes here (fit, partial_fit, predict, predict_proba,
+        # score): pandas becomes NumPy, Dask collections are refused.
+        return super().get_dataset(plain_input(X, "X"), plain_input(y, "y"))
 
     # ------------------------------------------------------------ training
     def _routed_fit_params(self, routing_method: str, fit_params: dict) -> tuple[dict, dict]:
@@ -286,9 +297,9 @@ class _DampedNetMixin:
 
         split_params, forward_params = self._routed_fit_params(_routing_method, fit_params)
         dataset_train, dataset_valid = self.get_split_datasets(X, y, **split_params)
-        X_train, y_train = self._training_tensors(dataset_train)
-        self._check_target_shape(X_train, y_train)
-        state = self._resume_or_start_state(len(X_train))
+        examples = self._training_examples(dataset_train)
+        self._check_target_shape(examples)
+        state = self._resume_or_start_state(len(examples))
         iterator_valid = None
         if dataset_valid is not None:
             iterator_valid = self.get_iterator(dataset_valid, training=False)
@@ -302,7 +313,7 @@ class _DampedNetMixin:
                 self.module_,
                 self.optimizer_,
                 self.criterion_,
-                TensorExamples(X_train, y_train),
+                examples,
                 self.client,
             )
             # The Dask engines name each fit; the workers file its module and data under it.
@@ -505,11 +516,13 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
     def _prepare_target(self, y: torch.Tensor) -> torch.Tensor:
         return match_dtype(y, self.module_)
 
-    def _check_target_shape(self, X: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_target_shape(self, examples: Examples) -> None:
         # Elementwise losses broadcast (n, 1) predictions against (n,) targets
         # into an n x n comparison: training would run and learn the wrong thing.
         if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES):
             return
+        X, y_first = examples.take(torch.zeros(1, dtype=torch.long, device=examples.device))
+        y_shape = (len(examples),) + tuple(y_first.shape[1:])
         module = self.module_
         was_training = module.training
         module.eval()
@@ -518,16 +531,16 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
                 out = module(X[:1].to(self.device))
         finally:
             module.train(was_training)
-        if isinstance(out, torch.Tensor) and out.shape[1:] != y.shape[1:]:
+        if isinstance(out, torch.Tensor) and out.shape[1:] != y_first.shape[1:]:
             hint = (
                 ": reshape it with y.reshape(-1, 1)"
-                if y.dim() == 1 and out.shape[1:] == (1,)
+                if len(y_shape) == 1 and out.shape[1:] == (1,)
                 else ""
             )
             raise ValueError(
-                f"y has shape {tuple(y.shape)}, but the module outputs shape "
+                f"y has shape {y_shape}, but the module outputs shape "
                 f"{tuple(out.shape[1:])} per example, so y must have shape "
-                f"{(len(y),) + tuple(out.shape[1:])}{hint}."
+                f"{(len(examples),) + tuple(out.shape[1:])}{hint}."
             )
 
     def get_loss(self, y_pred, y_true, *args, **kwargs):

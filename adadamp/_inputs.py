@@ -1,0 +1,89 @@
+"""What users pass as ``X`` and ``y``, as the estimators read it.
+
+pandas objects become NumPy arrays (a ``DataFrame`` is one 2-D input, not
+skorch's dict of columns, since the engines hand the module one tensor);
+SciPy sparse matrices stay sparse, rows densified per batch
+(:class:`adadamp.examples.SparseExamples`); Dask collections are refused,
+with what to pass instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from skorch.dataset import Dataset
+from torch.utils.data import Subset
+
+from .examples import SparseExamples
+
+DASK_INPUT_HELP = (
+    "adadamp gathers random examples for every model update, and each update would "
+    "read nearly every chunk of a chunked array. Pass {name}.compute() when it fits in "
+    "memory; for data larger than memory, train on a map-style torch Dataset that "
+    "opens its files lazily (such as a memory-mapped .npy file), which each worker "
+    "reads where it is used, and predict chunk by chunk (dask.array.map_blocks)."
+)
+
+
+def is_dask_collection(data: Any) -> bool:
+    """A Dask array, DataFrame, bag or delayed (dask itself is not imported)."""
+    return callable(getattr(type(data), "__dask_graph__", None))
+
+
+def is_pandas(data: Any) -> bool:
+    """A pandas ``DataFrame`` or ``Series`` (pandas itself is not imported)."""
+    return hasattr(data, "iloc") and hasattr(data, "to_numpy")
+
+
+def plain_input(data: Any, name: str) -> Any:
+    """``data`` as the estimators read it: pandas as NumPy; Dask collections refused.
+
+    Raises
+    ------
+    TypeError
+        When ``data`` is a Dask collection (array, DataFrame, ...).
+    """
+    if is_dask_collection(data):
+        raise TypeError(
+            f"{name} is a Dask collection ({type(data).__module__}.{type(data).__name__}): "
+            + DASK_INPUT_HELP.format(name=name)
+        )
+    if is_pandas(data):
+        array = data.to_numpy()
+        # pandas' copy-on-write hands out read-only views; torch warns on those.
+        return array if array.flags.writeable else array.copy()
+    return data
+
+
+def sparse_examples(
+    dataset: Any, module: torch.nn.Module, target: Callable[[torch.Tensor], torch.Tensor]
+) -> SparseExamples | None:
+    """The training examples of a skorch dataset whose ``X`` is sparse, else None.
+
+    Parameters
+    ----------
+    dataset : skorch Dataset, or a Subset of one (a validation split)
+        The training set skorch built from ``X`` and ``y``.
+    module : torch.nn.Module
+        The module trained: its floating dtype is that of the densified rows.
+    target : callable
+        Turns the targets, as a tensor, into what the loss wants.
+    """
+    indices = None
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, Dataset):
+        dataset, indices = dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)
+    if not (isinstance(dataset, Dataset) and sparse.issparse(dataset.X) and dataset.y is not None):
+        return None
+    # Row slicing copies only the sparse entries of those rows.
+    X = dataset.X.tocsr()
+    if indices is not None:
+        X = X[indices]
+    y = torch.as_tensor(np.asarray(dataset.y))
+    if indices is not None:
+        y = y[torch.from_numpy(indices)]
+    param = next(module.parameters(), None)
+    return SparseExamples(X, target(y), dtype=None if param is None else param.dtype)
