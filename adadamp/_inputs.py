@@ -2,9 +2,9 @@
 
 pandas objects become NumPy arrays (a ``DataFrame`` is one 2-D input, not
 skorch's dict of columns, since the engines hand the module one tensor);
-SciPy sparse matrices stay sparse, rows densified per batch
-(:class:`adadamp.examples.SparseExamples`); Dask collections are refused,
-with what to pass instead.
+SciPy sparse matrices and arrays of any format stay sparse, as CSR, their
+rows densified per batch (:class:`adadamp.examples.SparseExamples`); Dask
+collections are refused, with what to pass instead.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def is_pandas(data: Any) -> bool:
 
 
 def plain_input(data: Any, name: str) -> Any:
-    """``data`` as the estimators read it: pandas as NumPy; Dask collections refused.
+    """``data`` as the estimators read it: pandas as NumPy, sparse as CSR; Dask refused.
 
     Raises
     ------
@@ -52,6 +52,10 @@ def plain_input(data: Any, name: str) -> Any:
             f"{name} is a Dask collection ({type(data).__module__}.{type(data).__name__}): "
             + DASK_INPUT_HELP.format(name=name)
         )
+    if sparse.issparse(data):
+        # skorch's datasets index a row as a 1 x n matrix (csr_array gives a
+        # 1-D row; COO cannot be indexed): every sparse format as csr_matrix.
+        return sparse.csr_matrix(data)
     if is_pandas(data):
         array = data.to_numpy()
         # pandas' copy-on-write hands out read-only views; torch warns on those.

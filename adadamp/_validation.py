@@ -20,7 +20,7 @@ def _as_array(data, name: str) -> np.ndarray | None:
     """
     data = plain_input(data, name)
     if sparse.issparse(data):
-        return data.tocsr().data
+        return data.data
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu()
         # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.

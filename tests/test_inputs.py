@@ -93,6 +93,15 @@ def test_input_trains_predicts_and_scores_like_arrays(references, dask_client, k
         assert len(est.history_[:, "valid_acc"]) == 2
 
 
+@pytest.mark.parametrize("form", [sp.csr_array, sp.coo_matrix, sp.csc_array])
+def test_every_sparse_format_trains_like_arrays(references, form):
+    X, y = _arrays("classifier")
+    est = _fit("classifier", "local", form(X), y)
+    for got, want in zip(weights(est), weights(references["classifier"])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(est.predict(form(X)), references["classifier"].predict(X))
+
+
 def test_partial_fit_continues_on_pandas_input():
     X, y = _arrays("classifier")
     X_pd, y_pd = _as("pandas", X, y)
@@ -186,6 +195,8 @@ def test_dask_array_is_refused_before_any_cluster_work(which):
 
 def test_dask_array_is_refused_by_predict():
     X, y = digits(64)
-    est = DaskClassifier(MLP, batch_size=16, max_epochs=1, backend="local", verbose=0).fit(X, y)
+    est = DaskClassifier(
+        MLP, batch_size=16, max_epochs=1, train_split=None, backend="local", verbose=0
+    ).fit(X, y)
     with pytest.raises(TypeError, match=r"X is a Dask collection .*map_blocks"):
         est.predict(da.from_array(X, chunks=16))
