@@ -519,16 +519,17 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
     def _check_target_shape(self, examples: Examples) -> None:
         # Elementwise losses broadcast (n, 1) predictions against (n,) targets
         # into an n x n comparison: training would run and learn the wrong thing.
-        if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES):
+        if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES) or len(examples) == 0:
             return
-        X, y_first = examples.take(torch.zeros(1, dtype=torch.long, device=examples.device))
+        # The first example tells the shapes, whatever holds the examples.
+        X_first, y_first = examples.take(torch.zeros(1, dtype=torch.long, device=examples.device))
         y_shape = (len(examples),) + tuple(y_first.shape[1:])
         module = self.module_
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                out = module(X[:1].to(self.device))
+                out = module(X_first.to(self.device))
         finally:
             module.train(was_training)
         if isinstance(out, torch.Tensor) and out.shape[1:] != y_first.shape[1:]:

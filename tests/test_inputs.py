@@ -102,11 +102,14 @@ def test_every_sparse_format_trains_like_arrays(references, form):
     np.testing.assert_array_equal(est.predict(form(X)), references["classifier"].predict(X))
 
 
-def test_partial_fit_continues_on_pandas_input():
+def test_float64_frame_is_cast_and_partial_fit_continues(references):
     X, y = _arrays("classifier")
-    X_pd, y_pd = _as("pandas", X, y)
-    est = _estimator("classifier", "local")
-    est.fit(X_pd, y_pd)
+    # What a scikit-learn transformer with pandas output hands on: float64.
+    X_pd, y_pd = _as("pandas", X.astype(np.float64), y)
+    est = _fit("classifier", "local", X_pd, y_pd)
+    for got, want in zip(weights(est), weights(references["classifier"])):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     est.partial_fit(X_pd, y_pd)
     # Two more epochs (max_epochs) that carry on the update count.
     assert len(est.history_) == 4
