@@ -82,12 +82,9 @@ def sparse_examples(
         dataset, indices = dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)
     if not (isinstance(dataset, Dataset) and sparse.issparse(dataset.X) and dataset.y is not None):
         return None
-    # Row slicing copies only the sparse entries of those rows.
-    X = dataset.X.tocsr()
+    X, y = dataset.X.tocsr(), torch.as_tensor(np.asarray(dataset.y))
     if indices is not None:
-        X = X[indices]
-    y = torch.as_tensor(np.asarray(dataset.y))
-    if indices is not None:
-        y = y[torch.from_numpy(indices)]
+        # Row slicing copies only the stored entries of those rows.
+        X, y = X[indices], y[torch.from_numpy(indices)]
     param = next(module.parameters(), None)
     return SparseExamples(X, target(y), dtype=None if param is None else param.dtype)

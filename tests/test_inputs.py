@@ -22,7 +22,7 @@ import torch
 from estimator_helpers import MLP, digits, one_torch_thread, regression, weights  # noqa: F401
 
 from adadamp.estimators import DaskClassifier, DaskRegressor
-from adadamp.examples import SparseExamples
+from adadamp.examples import Examples, SparseExamples
 
 BACKENDS = ("local", "centralized", "decentralized")
 N = 256
@@ -132,7 +132,7 @@ def test_sparse_take_densifies_only_the_rows_asked_for():
     assert got_y.tolist() == [999_999, 3, 0]
     assert got_X[0, 1] == 2 and got_X[1, 0] == 1 and got_X[1, 2] == 3
     assert got_X.sum() == 6  # row 0 is empty; row 17 was not asked for
-    assert len(examples) == n
+    assert len(examples) == n and isinstance(examples, Examples)
     # The Dask engines pickle the examples into their payload: it stays sparse.
     stored = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + n * 8  # y: int64
     assert len(pickle.dumps(examples)) < stored + 10_000
