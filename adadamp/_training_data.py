@@ -3,7 +3,8 @@
 :func:`training_examples` is the one place that decides how a kind of
 training data is held: arrays and tensors as in-memory tensors (one gather
 per update), any other map-style ``torch.utils.data.Dataset`` as a dataset
-read at every use (:class:`~adadamp.examples.DatasetExamples`). A new kind
+read at every use (:class:`~adadamp.examples.DatasetExamples`), a sparse
+matrix as rows densified per update (:class:`~adadamp.examples.SparseExamples`). A new kind
 of input is one more branch here.
 """
 
@@ -15,6 +16,7 @@ import torch
 from skorch.dataset import Dataset as SkorchDataset
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
+from ._inputs import sparse_examples
 from ._tensors import dataset_to_tensors
 from .examples import DatasetExamples, Examples, TensorExamples, cast_pair, seeded_item
 
@@ -103,6 +105,9 @@ def training_examples(
     loader_params : dict or None
         ``DataLoader`` keywords for a dataset read at every use (``iterator_train__*``).
     """
+    sparse = sparse_examples(dataset, float_dtype, target_dtype)
+    if sparse is not None:
+        return sparse
     if _is_array_dataset(dataset):
         X, y = cast_pair(*_tensor_dataset_tensors(dataset), float_dtype, target_dtype)
         return TensorExamples(X, y)

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from ._checks import is_int
 from ._devices import check_device
+from ._inputs import plain_input
 from .engines import check_backend
 
 
 def _as_array(data, name: str) -> np.ndarray | None:
-    """A NumPy view of ``data`` for checking, or None when it is not array-like."""
+    """A NumPy view of ``data`` for checking, or None when it is not array-like.
+
+    A sparse matrix is checked through its stored values (``data``), which
+    are what training reads.
+    """
+    data = plain_input(data, name)
+    if sparse.issparse(data):
+        return data.data
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu()
         # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
         return (data.float() if data.dtype == torch.bfloat16 else data).numpy()
     if isinstance(data, np.ndarray):
         return data
-    if hasattr(data, "to_numpy"):  # pandas
-        return data.to_numpy()
     if isinstance(data, (list, tuple)):
         try:
             return np.asarray(data)
@@ -36,15 +43,16 @@ def check_training_data(X, y) -> None:
     X_arr = _as_array(X, "X")
     if X_arr is None:
         return
-    if len(X_arr) == 0:
+    n = X.shape[0] if sparse.issparse(X) else len(X_arr)
+    if n == 0:
         raise ValueError("X is empty: fit needs at least one example.")
     arrays = [("X", X_arr)]
     if y is not None:
         y_arr = _as_array(y, "y")
         if y_arr is not None:
-            if len(y_arr) != len(X_arr):
+            if len(y_arr) != n:
                 raise ValueError(
-                    f"X and y have different lengths ({len(X_arr)} and {len(y_arr)}): "
+                    f"X and y have different lengths ({n} and {len(y_arr)}): "
                     "they need one target per example."
                 )
             arrays.append(("y", y_arr))

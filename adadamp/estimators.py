@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ._batch_size_param import resolve_damper
 from ._checks import is_int
 from ._devices import check_device
+from ._inputs import plain_input
 from ._tensors import match_dtype
 from ._training_data import check_dataset, training_examples
 from ._validation import check_estimator_params, check_training_data
@@ -303,6 +304,11 @@ class _DampedNetMixin:
                 "attribute, or use train_split=ValidSplit(5, stratified=False) or None."
             )
         return super().get_split_datasets(X, y, **fit_params)
+
+    def get_dataset(self, X, y=None):
+        # Every input passes here (fit, partial_fit, predict, predict_proba,
+        # score): pandas becomes NumPy, Dask collections are refused.
+        return super().get_dataset(plain_input(X, "X"), plain_input(y, "y"))
 
     # ------------------------------------------------------------ training
     def _routed_fit_params(self, routing_method: str, fit_params: dict) -> tuple[dict, dict]:
@@ -593,7 +599,7 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
     def _check_target_shape(self, examples: Examples) -> None:
         # Elementwise losses broadcast (n, 1) predictions against (n,) targets
         # into an n x n comparison: training would run and learn the wrong thing.
-        if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES):
+        if not isinstance(self.criterion_, _ELEMENTWISE_LOSSES) or len(examples) == 0:
             return
         X, y = self._first_example(examples)
         n = len(examples)
@@ -602,7 +608,7 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
         module.eval()
         try:
             with torch.no_grad():
-                out = module(X[:1].to(self.device))
+                out = module(X.to(self.device))
         finally:
             module.train(was_training)
         if isinstance(out, torch.Tensor) and out.shape[1:] != y.shape[1:]:

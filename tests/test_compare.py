@@ -219,3 +219,23 @@ def test_train_prints_table_and_accuracy(capsys):
     for column in ("batch_size", "lr", "model_updates", "test_acc", "train_loss"):
         assert column in printed
     assert "test accuracy:" in printed
+
+
+def test_compare_augment_flag_trains_on_shifted_digits(tmp_path, capsys):
+    def run(*flags: str) -> dict:
+        out = tmp_path / ("augmented" if flags else "plain")
+        args = ["compare", "--epochs", "1", "--n-train", "64", "--seeds", "1"]
+        args += ["--batch-size", "16", "--schedules", "Dec. LR", "--backend", "local"]
+        assert main([*args, "--no-progress", "--out", str(out), *flags]) == 0
+        config = json.loads((out / "config.json").read_text())
+        (row,) = json.loads((out / "summary.json").read_text())
+        return {"config": config, "row": row, "printed": capsys.readouterr().out}
+
+    plain, augmented = run(), run("--augment")
+    assert augmented["config"]["augment"] is True and plain["config"]["augment"] is False
+    assert "random shifts of up to 1 pixel" in augmented["printed"]
+    assert "random shifts" not in plain["printed"]
+    # Same seed, same initial weights and order: only the shifted inputs differ.
+    assert augmented["row"]["model_updates"] == plain["row"]["model_updates"] == 4
+    assert augmented["row"]["final_train_loss"] != plain["row"]["final_train_loss"]
+    assert 0.0 <= augmented["row"]["test_accuracy"] <= 1.0

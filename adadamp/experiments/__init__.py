@@ -7,6 +7,7 @@ rather than a run failing when it first draws or loads MNIST-1D.
 
 - ``schedules``: the Smith et al. schedules (:class:`~.schedules.SmithSchedule`);
 - ``data``, ``models``: offline data sets and small models;
+- ``augment``: training data augmented afresh per read (``compare --augment``);
 - ``runtime``: what the runners share (backends, threads, Dask client, test scoring);
 - ``results``: the records the runners fill in and the plots read;
 - ``plots``: the figures;

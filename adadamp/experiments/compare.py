@@ -13,6 +13,10 @@ examples, wall-clock per epoch), then
 - ``--out`` receives the plots (see :mod:`adadamp.experiments.plots`), the
   histories as CSV and JSON, and ``summary.json``.
 
+With ``--augment`` every schedule trains on random shifts of the training
+examples (:class:`~adadamp.experiments.augment.RandomShift`, drawn each time
+an example is read) and is tested on the test examples as they are.
+
 The simulated wall-clock (:func:`adadamp.simulate.simulate_run`) is what the
 run would take if the workers grew with the batch size, ``grads_per_worker``
 being the initial batch size (the paper's setup: 128 examples per worker).
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .augment import AUGMENT_SHIFT, RandomShift
 from .results import DEFAULT_NETWORK, EPOCH_KEYS, CompareConfig, RunResult
 from .runtime import (
     BACKEND_CHOICES,
@@ -115,7 +120,12 @@ class SummaryRow:
 # Training
 
 
-def _load(config: CompareConfig) -> tuple[torch.Tensor, ...]:
+def _load(config: CompareConfig) -> tuple[Any, ...]:
+    """``(X_train, X_test, y_train, y_test)`` of ``config``'s data set.
+
+    With ``config.augment``, ``X_train`` is a :class:`RandomShift` dataset of
+    the training examples and their labels, and ``y_train`` is None.
+    """
     from .data import Split, load_digits_dataset, load_mnist1d_dataset
 
     loaders: dict[str, Callable[..., Split]] = {
@@ -128,6 +138,8 @@ def _load(config: CompareConfig) -> tuple[torch.Tensor, ...]:
     X_train, X_test, y_train, y_test = loader(seed=0)
     if config.n_train is not None:
         X_train, y_train = X_train[: config.n_train], y_train[: config.n_train]
+    if config.augment:
+        return RandomShift(X_train, y_train), X_test, None, y_test
     return X_train, X_test, y_train, y_test
 
 
@@ -141,7 +153,7 @@ def train_one(
     schedule: SmithSchedule,
     seed: int,
     config: CompareConfig,
-    data: Sequence[torch.Tensor],
+    data: Sequence[Any],
     client: Any = None,
 ) -> RunResult:
     """Train one model under ``schedule`` and return its records."""
@@ -494,6 +506,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("compare-out"),
         help="folder for plots, histories and summary.json (default compare-out)",
     )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help=f"train on random shifts of up to {AUGMENT_SHIFT} pixel(s) per axis, zero-padded, "
+        "drawn every time an example is read; test on the unshifted test set",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -513,6 +531,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         max_workers=args.max_workers,
         threads=args.threads,
         schedules=tuple(n for n in SCHEDULE_NAMES if n in args.schedules),
+        augment=args.augment,
     )
 
 
@@ -543,6 +562,11 @@ def run(args: argparse.Namespace) -> int:
         f"lr {config.lr:g}, batch x5 (or lr / 5) after epochs "
         f"{', '.join(map(str, increase_epochs(config.epochs))) or 'none'}; "
         + (f"ghost batch norm over {config.ghost_batch_size}; " if config.ghost_batch_size else "")
+        + (
+            f"trained on random shifts of up to {AUGMENT_SHIFT} pixel(s); "
+            if config.augment
+            else ""
+        )
         + f"{config.seeds} seed(s), backend {config.backend}"
     )
     print(format_table(rows))

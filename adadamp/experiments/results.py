@@ -37,6 +37,9 @@ class CompareConfig:
     max_workers: int | None = None
     threads: int | None = 1
     schedules: tuple[str, ...] = SCHEDULE_NAMES
+    #: Train on random shifts of the training examples, drawn per use
+    #: (:class:`~adadamp.experiments.augment.RandomShift`); test as they are.
+    augment: bool = False
 
 
 @dataclass
