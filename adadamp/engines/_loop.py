@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import gns
 from ..dampers import BaseDamper
 from ..examples import Examples
 from ..schedule import UpdatePlan, advance, next_update
@@ -86,14 +87,25 @@ def training_loss(
     return float(sums.sum()) / sum(len(c) for c in chunks)
 
 
-def rank_gradient(model: RankModel, indices: torch.Tensor) -> float:
-    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss."""
+def rank_gradient(
+    model: RankModel,
+    indices: torch.Tensor,
+    norms: _step.PieceNorms | None = None,
+    alone: bool = False,
+) -> float:
+    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss.
+
+    With ``norms``, each micro-batch's gradient norm is taken too (the
+    gradient statistics); ``alone`` says this rank holds the whole batch
+    (see :func:`~._step.stats_micro_batch`).
+    """
     if not len(indices):
         return 0.0
     X, y = model.examples.take(indices)
-    return _step.accumulate_gradient_sum(
-        model.module, model.criterion, X, y, model.config.worker_max_batch_size
-    )
+    micro = model.config.worker_max_batch_size
+    if norms is not None:
+        micro = _step.stats_micro_batch(micro, len(indices), alone)
+    return _step.accumulate_gradient_sum(model.module, model.criterion, X, y, micro, norms)
 
 
 def step(
@@ -101,15 +113,17 @@ def step(
     plan: UpdatePlan,
     update: int,
     loss_sum: float,
-    worker_sq_sum: float,
-    workers: int,
+    piece_sq_sum: float,
+    pieces: float,
     base_lrs: list[float],
     needs_stats: bool,
 ) -> tuple[float, float, dict[str, float]]:
     """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
 
-    Checks the loss for divergence, computes the gradient statistics and takes
-    the optimizer step. Returns ``(mean loss, learning rate, statistics)``.
+    Checks the loss for divergence, computes the gradient statistics (from
+    ``piece_sq_sum`` and ``pieces``, see :class:`~._step.PieceNorms`, summed
+    over the ranks) and takes the optimizer step. Returns ``(mean loss,
+    learning rate, raw statistics)``.
     """
     loss = loss_sum / plan.batch_size
     lr = base_lrs[0] * plan.lr_factor
@@ -117,7 +131,7 @@ def step(
     stats: dict[str, float] = {}
     if needs_stats:
         mean_sq = _step.squared_norm(_step.gradient_tensors(model.module)) / plan.batch_size**2
-        stats = _step.gradient_stats(mean_sq, worker_sq_sum, workers, plan.batch_size)
+        stats = _step.gradient_stats(mean_sq, piece_sq_sum, pieces, plan.batch_size)
     _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
     return loss, lr, stats
 
@@ -143,13 +157,15 @@ def run_updates(
     """
     module, optimizer, config = model.module, model.optimizer, model.config
     # Gradients live as views of one flat buffer, so backward writes straight
-    # into what is reduced: one reduction per update, no copies. Two extra
-    # slots carry the loss sum and this rank's squared gradient norm.
+    # into what is reduced: one reduction per update, no copies. Three extra
+    # slots carry the loss sum and this rank's piece statistics (sum of
+    # |s_i|^2 / b_i, number of pieces).
     params = [p for p in module.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
-    flat = torch.zeros(sum(sizes) + 2, dtype=dtype, device=model.examples.device)
-    grads = flat[:-2]
+    flat = torch.zeros(sum(sizes) + 3, dtype=dtype, device=model.examples.device)
+    grads = flat[:-3]
+    needs_stats = config.needs_grad_stats(damper)
     for p, view in zip(params, torch.split(grads, sizes)):
         p.grad = view.view_as(p)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -160,27 +176,31 @@ def run_updates(
             began = time.perf_counter()
             if damper.needs_loss and damper.loss_due(state):
                 state.train_loss = training_loss(model, damper, state, reducer)
-            plan = next_update(damper, state, config.max_batch_size, offset)
+            plan = next_update(damper, state, config.max_batch_size, offset, config.lr_scaling)
             if keep_going is not None and not keep_going(plan):
                 return offset, plan
             lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
             flat.zero_()
             if hi > lo:
-                flat[-2] = rank_gradient(model, order[offset + lo : offset + hi])
-                if damper.needs_grad_stats:
-                    flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
+                norms = _step.PieceNorms(lambda: [grads]) if needs_stats else None
+                indices = order[offset + lo : offset + hi]
+                flat[-3] = rank_gradient(model, indices, norms, alone=reducer.world == 1)
+                if norms is not None:
+                    flat[-2], flat[-1] = norms.result()
             reducer.all_reduce(flat)
             loss, lr, stats = step(
                 model,
                 plan,
                 state.model_updates + 1,
+                float(flat[-3]),
                 float(flat[-2]),
                 float(flat[-1]),
-                reducer.world,
                 base_lrs,
-                damper.needs_grad_stats,
+                needs_stats,
             )
-            advance(state, plan.batch_size)
+            if needs_stats:
+                stats = gns.smoothed(state.grad_stats, stats)
+            advance(state, plan.batch_size, plan.progress)
             state.last_loss, state.grad_stats = loss, stats
             offset += plan.batch_size
             on_update(
