@@ -10,6 +10,7 @@ from ._checks import is_int
 from ._devices import check_device
 from ._inputs import plain_input
 from .engines import check_backend
+from .gns import LR_SCALINGS
 
 
 def _as_array(data, name: str) -> np.ndarray | None:
@@ -93,5 +94,10 @@ def check_estimator_params(est) -> None:
     from .cluster import validate_client  # imports distributed: only when fitting
 
     validate_client(est.client)  # on every backend: a typo must not train silently
+    if est.lr_scaling not in LR_SCALINGS:
+        raise ValueError(
+            f"lr_scaling must be one of {', '.join(map(repr, LR_SCALINGS))}, "
+            f"got {est.lr_scaling!r}."
+        )
     if est.random_state is not None and not is_int(est.random_state):
         raise TypeError(f"random_state must be None or an int, got {est.random_state!r}.")

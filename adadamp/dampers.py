@@ -464,6 +464,140 @@ class RadaDamp(BaseDamper):
         return self.initial if self.batch_size_ is None else self.batch_size_
 
 
+class GNSDamp(BaseDamper):
+    """Follow the gradient noise scale: ``B = clip(kappa * B_simple, B_current, limit)``.
+
+    ``B_simple = tr(Sigma) / |G|^2`` is the simple noise scale of McCandlish
+    et al. (2018), the batch size beyond which a larger batch buys little
+    per example. The engines estimate it at no extra pass from the pieces of
+    every update's gradient and smooth it (``state.grad_stats["gns_b_simple"]``,
+    see :mod:`adadamp.gns`); nothing is tuned to the problem but ``kappa``.
+
+    The batch size never shrinks, and changes only every ``dwell`` updates
+    or more, and only when the new one is at least ``1 + step`` times the
+    current one (or reaches ``limit``): a noisy estimate does not make it
+    creep by a few examples at a time, nor restart workers at every wobble.
+    With the default ``step=1`` every change at least doubles the batch, so
+    the worker count changes at most once per doubling. The estimator's
+    ``max_batch_size`` applies on top, as for every damper (a request above
+    it divides the learning rate instead).
+
+    Parameters
+    ----------
+    initial : int, default=32
+        Batch size until the first change (> 0).
+    kappa : float, default=1.0
+        The batch size aimed at, in units of ``B_simple`` (> 0).
+    dwell : int, default=10
+        Model updates between two changes, at least (>= 1).
+    step : float, default=1.0
+        Smallest relative growth of a change (>= 0): 1 grows at least 2x.
+    limit : float or None, default=None
+        The largest batch size requested (None: no bound).
+
+    Attributes
+    ----------
+    batch_size_ : float or None
+        The batch size requested now (None before the first update).
+    changed_at_ : int
+        The update count at the last change (0 at the start).
+    """
+
+    needs_grad_stats = True
+    adaptive = True
+
+    def __init__(
+        self,
+        initial: int = 32,
+        kappa: float = 1.0,
+        dwell: int = 10,
+        step: float = 1.0,
+        limit: float | None = None,
+    ):
+        self.initial = initial
+        self.kappa = kappa
+        self.dwell = dwell
+        self.step = step
+        self.limit = limit
+        self.batch_size_: float | None = None
+        self.changed_at_ = 0
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_positive("initial", self.initial, owner)
+        self._check_factor()
+        check_int_at_least("dwell", self.dwell, 1, owner)
+        check_at_least("step", self.step, 0, owner)
+        if self.limit is not None:
+            check_at_least("limit", self.limit, self.initial, owner)
+
+    def _check_factor(self) -> None:
+        check_positive("kappa", self.kappa, type(self).__name__)
+
+    def _factor(self) -> float:
+        """What multiplies ``B_simple`` (``kappa``; the norm test derives it)."""
+        return self.kappa
+
+    def damping(self, state: TrainState) -> float:
+        current = self.initial if self.batch_size_ is None else self.batch_size_
+        self.batch_size_ = current
+        b_simple = state.grad_stats.get("gns_b_simple")
+        if b_simple is None or not is_real(b_simple):
+            return current
+        if state.model_updates - self.changed_at_ < self.dwell:
+            return current
+        target = max(current, self._factor() * b_simple)
+        if self.limit is not None:
+            target = min(target, max(current, self.limit))
+        at_limit = self.limit is not None and target >= self.limit > current
+        if target >= current * (1 + self.step) or at_limit:
+            self.batch_size_ = float(target)
+            self.changed_at_ = state.model_updates
+        return self.batch_size_
+
+
+class NormTestDamp(GNSDamp):
+    """The norm test of Byrd et al. (2012) / Big Batch SGD, as a growth rule.
+
+    The test asks that the mean gradient's variance be small against its
+    norm, ``tr(Sigma) / B <= eta^2 |G|^2``; where it fails, the batch grows
+    to the smallest size that passes, ``B = B_simple / eta^2``. So this is
+    :class:`GNSDamp` with ``kappa = 1 / eta^2``, with its dwell, step and
+    limit (which see).
+
+    Parameters
+    ----------
+    initial : int, default=32
+        Batch size until the first change (> 0).
+    eta : float, default=1.0
+        The test's tolerance (> 0): smaller asks for larger batches.
+    dwell, step, limit
+        As for :class:`GNSDamp`.
+    """
+
+    def __init__(
+        self,
+        initial: int = 32,
+        eta: float = 1.0,
+        dwell: int = 10,
+        step: float = 1.0,
+        limit: float | None = None,
+    ):
+        self.initial = initial
+        self.eta = eta
+        self.dwell = dwell
+        self.step = step
+        self.limit = limit
+        self.batch_size_: float | None = None
+        self.changed_at_ = 0
+
+    def _check_factor(self) -> None:
+        check_positive("eta", self.eta, type(self).__name__)
+
+    def _factor(self) -> float:
+        return 1.0 / self.eta**2
+
+
 # ---------------------------------------------------------------------------
 
 DAMPERS: dict[str, type[BaseDamper]] = {
@@ -477,6 +611,8 @@ DAMPERS: dict[str, type[BaseDamper]] = {
         GradientDescent,
         AdaDamp,
         RadaDamp,
+        GNSDamp,
+        NormTestDamp,
     )
 }
 """Every damper shipped with adadamp, by class name."""

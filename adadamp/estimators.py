@@ -23,6 +23,7 @@ from skorch.utils import is_dataset, to_tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import gns
 from ._batch_size_param import resolve_damper
 from ._checks import is_int
 from ._devices import check_device
@@ -46,6 +47,30 @@ _ELEMENTWISE_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss,
 
 # Per-update records kept in ``history_[epoch]["batches"]``.
 UPDATE_KEYS = ("damping", "lr", "workers", "duration")
+
+
+# With lr_scaling="adascale", a fit runs epochs until the progress clock has
+# advanced by its epochs, but never more than this many times as many epochs.
+ADASCALE_MAX_EPOCH_FACTOR = 10
+
+
+def _epoch_range(lr_scaling: str, state: TrainState, epochs: int):
+    """The epochs a fit runs: ``epochs`` of them, or with AdaScale, until its clock has moved on.
+
+    AdaScale's clock (``state.progress``) advances by the gain ``r <= S`` per
+    update, in base batches, so a fit of ``epochs`` epochs at AdaScale makes
+    as much progress as ``epochs`` epochs at the base batch size: it may take
+    more epochs of data (at most ``ADASCALE_MAX_EPOCH_FACTOR * epochs``).
+    """
+    target = state.progress + epochs
+    done = 0
+    while done < epochs or (
+        lr_scaling == "adascale"
+        and state.progress < target - 1e-9
+        and done < ADASCALE_MAX_EPOCH_FACTOR * epochs
+    ):
+        yield done
+        done += 1
 
 
 def _is_live_client(client) -> bool:
@@ -82,6 +107,7 @@ class _DampedNetMixin:
         backend,
         client,
         random_state,
+        lr_scaling,
     ):
         self.max_batch_size = max_batch_size
         self.grads_per_worker = grads_per_worker
@@ -91,14 +117,14 @@ class _DampedNetMixin:
         self.backend = backend
         self.client = client
         self.random_state = random_state
+        self.lr_scaling = lr_scaling
 
     @property
     def _default_callbacks(self):
         # The resume snapshot and the rescales are not scalars: keep them out of the table.
+        ignored = ["train_state", "epochs", "examples", "rescales", "progress"]
         return [
-            (name, PrintLog(keys_ignored=["train_state", "epochs", "examples", "rescales"]))
-            if name == "print_log"
-            else (name, cb)
+            (name, PrintLog(keys_ignored=ignored)) if name == "print_log" else (name, cb)
             for name, cb in super()._default_callbacks
         ]
 
@@ -260,6 +286,7 @@ class _DampedNetMixin:
             min_workers=self.min_workers,
             max_workers=self.max_workers,
             device=str(self.device),
+            lr_scaling=self.lr_scaling,
         )
 
     def _check_target_shape(self, examples: Examples) -> None:
@@ -364,7 +391,7 @@ class _DampedNetMixin:
             )
             # The Dask engines name each fit; the workers file its module and data under it.
             self.fit_id_ = engine.fit_id
-            for _ in range(epochs):
+            for _ in _epoch_range(self.lr_scaling, state, epochs):
                 self.notify("on_epoch_begin", **on_epoch_kwargs)
                 self._train_one_epoch(engine, damper, state)
                 self.run_single_epoch(
@@ -400,6 +427,9 @@ class _DampedNetMixin:
             history.record_batch("train_batch_size", record.batch_size)
             for key in UPDATE_KEYS:
                 history.record_batch(key, getattr(record, key))
+            for key in gns.HISTORY_KEYS:
+                if key in record.grad_stats:
+                    history.record_batch(key, record.grad_stats[key])
             bar.update(record.batch_size)
             bar.set_postfix(batch_size=record.batch_size, loss=f"{record.loss:.4g}")
 
@@ -415,6 +445,7 @@ class _DampedNetMixin:
         history.record("model_updates", state.model_updates)
         history.record("examples", state.examples_seen)
         history.record("epochs", state.epochs)
+        history.record("progress", state.progress)
         history.record(
             "train_state",
             {
@@ -500,6 +531,22 @@ optional
         ``DataLoader`` keywords): with ``num_workers >= 1``, loader processes
         read the examples of the next update while the current one computes.
         Arrays and tensors are gathered from memory and ignore them.
+    lr_scaling : {"none", "linear", "sqrt", "adascale"}, default="none"
+        How the learning rate follows the batch size ``B`` of each update,
+        relative to the base batch size ``B0``, the damper's ``initial``
+        (the training-set size for ``GradientDescent``), with ``S = B / B0``:
+        ``"none"`` keeps it; ``"linear"`` multiplies it by ``S`` (the rule for
+        plain SGD); ``"sqrt"`` by ``sqrt(S)`` (the rule for Adam-type
+        optimizers); ``"adascale"`` by AdaScale's gain
+        ``r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2)`` in ``[1, S]``, from the
+        gradient noise scale the engines estimate (:mod:`adadamp.gns`), the
+        rule for SGD with momentum that adapts to the gradient's noise. With
+        ``"adascale"`` an epoch's progress is counted on AdaScale's clock
+        (each update counts ``r`` base batches, recorded as ``progress`` in
+        ``history_``), and ``max_epochs`` is a budget on that clock: the fit
+        runs epochs until the clock has advanced ``max_epochs`` (so possibly
+        more epochs of data, at most 10 times as many). The factor multiplies
+        the max-batch-size rule's.
     device : str, default="cpu"
         skorch's torch device; checked before any work (``"cuda"``, ``"cuda:1"``
         or ``"mps"`` on a machine without it raise ``ValueError``).
@@ -527,6 +574,7 @@ class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
         backend="auto",
         client=None,
         random_state=None,
+        lr_scaling="none",
         **kwargs,
     ):
         super().__init__(module, *args, criterion=criterion, batch_size=batch_size, **kwargs)
@@ -539,6 +587,7 @@ class DaskClassifier(_DampedNetMixin, NeuralNetClassifier):
             backend=backend,
             client=client,
             random_state=random_state,
+            lr_scaling=lr_scaling,
         )
 
     _target_dtype = torch.long
@@ -573,6 +622,7 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
         backend="auto",
         client=None,
         random_state=None,
+        lr_scaling="none",
         **kwargs,
     ):
         super().__init__(
@@ -592,6 +642,7 @@ class DaskRegressor(_DampedNetMixin, NeuralNetRegressor):
             backend=backend,
             client=client,
             random_state=random_state,
+            lr_scaling=lr_scaling,
         )
 
     _target_dtype = None  # floating targets take the module's dtype

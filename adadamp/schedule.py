@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dampers import BaseDamper
+from .gns import lr_gain
 from .state import TrainState
 
 
@@ -32,6 +33,9 @@ class UpdatePlan:
     """Multiplies every parameter group's base learning rate."""
     start: int
     """Offset of the update's first example in the epoch's permutation."""
+    progress: float = 0.0
+    """Examples the update counts for on the progress clock (``TrainState.progress``):
+    its batch size, or with ``lr_scaling="adascale"`` its gain times the base batch size."""
 
 
 def plan_update(
@@ -57,20 +61,50 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def base_batch_size(damper: BaseDamper, n_examples: int) -> int:
+    """``B0``, the batch size the learning-rate scaling rules are relative to.
+
+    The damper's ``initial`` batch size (rounded as :func:`plan_update` rounds
+    a request), or the training-set size for a damper without one
+    (``GradientDescent``): at ``B0`` every rule leaves the learning rate as given.
+    """
+    initial = getattr(damper, "initial", None)
+    return n_examples if initial is None else max(1, math.ceil(initial - 1e-9))
+
+
 def next_update(
-    damper: BaseDamper, state: TrainState, max_batch_size: int | None, start: int
+    damper: BaseDamper,
+    state: TrainState,
+    max_batch_size: int | None,
+    start: int,
+    lr_scaling: str = "none",
 ) -> UpdatePlan:
-    """Plan the update that begins at offset ``start`` of the current epoch."""
+    """Plan the update that begins at offset ``start`` of the current epoch.
+
+    The learning-rate factor is the max-batch-size rule's times the gain of
+    ``lr_scaling`` (:func:`adadamp.gns.lr_gain`) at the batch size used,
+    relative to :func:`base_batch_size`.
+    """
     requested = damper.damping(state)
     full, lr_factor = plan_update(requested, max_batch_size, damper.max_batch_size)
     batch_size = min(full, state.n_examples - start)
-    return UpdatePlan(float(requested), batch_size, full, lr_factor, start)
+    base = base_batch_size(damper, state.n_examples)
+    gain = lr_gain(lr_scaling, batch_size, base, state.grad_stats)
+    progress = gain * base if lr_scaling == "adascale" else float(batch_size)
+    return UpdatePlan(
+        float(requested), batch_size, full, lr_factor * gain, start, progress=progress
+    )
 
 
-def advance(state: TrainState, batch_size: int) -> None:
-    """Count one finished update of ``batch_size`` examples."""
+def advance(state: TrainState, batch_size: int, progress: float | None = None) -> None:
+    """Count one finished update of ``batch_size`` examples.
+
+    ``progress`` (default: ``batch_size``) is what the update adds to the
+    progress clock, in examples (see ``UpdatePlan.progress``).
+    """
     state.model_updates += 1
     state.examples_seen += batch_size
+    state.progress_examples += batch_size if progress is None else progress
 
 
 def plan_epochs(

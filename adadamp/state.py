@@ -27,11 +27,20 @@ class TrainState:
     """Scalars reduced alongside the previous update's gradient (see engines)."""
     train_loss: float | None = None
     """Mean loss over the training set, refreshed when ``damper.loss_due``."""
+    progress_examples: float = 0.0
+    """The progress clock, in examples: ``examples_seen``, except with
+    ``lr_scaling="adascale"``, where each update counts its gain times the base
+    batch size (AdaScale's scale-invariant iterations, in examples)."""
 
     @property
     def epochs(self) -> float:
         """Epochs completed so far, as a float: examples processed / n."""
         return self.examples_seen / self.n_examples
+
+    @property
+    def progress(self) -> float:
+        """The progress clock in epochs: ``progress_examples / n``."""
+        return self.progress_examples / self.n_examples
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, as plain JSON values (``examples`` is ``examples_seen``)."""
@@ -42,6 +51,7 @@ class TrainState:
             "last_loss": _plain_float(self.last_loss),
             "grad_stats": {k: float(v) for k, v in self.grad_stats.items()},
             "train_loss": _plain_float(self.train_loss),
+            "progress": float(self.progress_examples),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -52,3 +62,4 @@ class TrainState:
         self.last_loss = state.get("last_loss")
         self.grad_stats = dict(state.get("grad_stats") or {})
         self.train_loss = state.get("train_loss")
+        self.progress_examples = float(state.get("progress", self.examples_seen))

@@ -8,9 +8,12 @@ import math
 import pytest
 
 from adadamp.cli import main
-from adadamp.dampers import GeoDamp, GeoDampLR
+from adadamp.dampers import GeoDamp, GeoDampLR, GNSDamp
 from adadamp.experiments.schedules import (
+    GNS_KAPPA,
     SCHEDULE_NAMES,
+    SMITH_NAMES,
+    compare_schedules,
     increase_epochs,
     schedule_delay,
     smith_schedules,
@@ -46,7 +49,7 @@ def test_never_more_than_three_increases():
 
 def test_schedule_definitions():
     by_name = {s.name: s for s in smith_schedules(20, initial_batch_size=16, lr=0.1)}
-    assert tuple(by_name) == SCHEDULE_NAMES
+    assert tuple(by_name) == SMITH_NAMES
     dec = by_name["Dec. LR"]
     assert type(dec.damper) is GeoDampLR
     assert (dec.damper.initial, dec.damper.delay, dec.damper.factor) == (16, 6, 5)
@@ -63,6 +66,19 @@ def test_schedule_definitions():
     assert all(s.lr == 0.1 for s in by_name.values())
     assert dec.effective_max_batch_size == 16
     assert by_name["Inc. BS"].effective_max_batch_size is None
+
+
+def test_compare_adds_gnsdamp_with_one_kappa():
+    rows = compare_schedules(20, initial_batch_size=16, lr=0.1)
+    assert tuple(s.name for s in rows) == SCHEDULE_NAMES == (*SMITH_NAMES, "GNSDamp")
+    gns = rows[-1]
+    assert type(gns.damper) is GNSDamp
+    assert (gns.damper.initial, gns.damper.kappa, gns.max_batch_size, gns.lr) == (
+        16,
+        GNS_KAPPA,
+        None,
+        0.1,
+    )
 
 
 def test_paper_update_counts():

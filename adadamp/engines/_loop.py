@@ -21,12 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import gns
 from ..dampers import BaseDamper
 from ..examples import Examples, prefetch
 from ..schedule import UpdatePlan, advance, next_update
 from ..state import TrainState
 from . import _step
 from .base import OnUpdate, TrainConfig, UpdateRecord
+
+# The reduced buffer: every gradient, then these slots (indices from its end).
+VOTE, LOSS, PIECE_SQ, PIECES = -4, -3, -2, -1
+EXTRA_SLOTS = 4
 
 
 @dataclass
@@ -87,21 +92,29 @@ def training_loss(
 
 
 def rank_gradient(
-    model: RankModel, indices: torch.Tensor, upcoming: torch.Tensor | None = None
+    model: RankModel,
+    indices: torch.Tensor,
+    upcoming: torch.Tensor | None = None,
+    norms: _step.PieceNorms | None = None,
+    alone: bool = False,
 ) -> float:
     """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss.
 
     ``upcoming``, the slice this rank will likely need next, starts loading
-    once this one is in hand, so that it loads while this one computes.
+    once this one is in hand, so that it loads while this one computes. With
+    ``norms``, each micro-batch's gradient norm is taken too (the gradient
+    statistics); ``alone`` says this rank holds the whole batch (see
+    :func:`~._step.stats_micro_batch`).
     """
     if not len(indices):
         return 0.0
     X, y = model.examples.take(indices)
     if upcoming is not None:
         prefetch(model.examples, upcoming)
-    return _step.accumulate_gradient_sum(
-        model.module, model.criterion, X, y, model.config.worker_max_batch_size
-    )
+    micro = model.config.worker_max_batch_size
+    if norms is not None:
+        micro = _step.stats_micro_batch(micro, len(indices), alone)
+    return _step.accumulate_gradient_sum(model.module, model.criterion, X, y, micro, norms)
 
 
 def step(
@@ -109,15 +122,17 @@ def step(
     plan: UpdatePlan,
     update: int,
     loss_sum: float,
-    worker_sq_sum: float,
-    workers: int,
+    piece_sq_sum: float,
+    pieces: float,
     base_lrs: list[float],
     needs_stats: bool,
 ) -> tuple[float, float, dict[str, float]]:
     """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
 
-    Checks the loss for divergence, computes the gradient statistics and takes
-    the optimizer step. Returns ``(mean loss, learning rate, statistics)``.
+    Checks the loss for divergence, computes the gradient statistics (from
+    ``piece_sq_sum`` and ``pieces``, see :class:`~._step.PieceNorms`, summed
+    over the ranks) and takes the optimizer step. Returns ``(mean loss,
+    learning rate, raw statistics)``.
     """
     loss = loss_sum / plan.batch_size
     lr = base_lrs[0] * plan.lr_factor
@@ -125,7 +140,7 @@ def step(
     stats: dict[str, float] = {}
     if needs_stats:
         mean_sq = _step.squared_norm(_step.gradient_tensors(model.module)) / plan.batch_size**2
-        stats = _step.gradient_stats(mean_sq, worker_sq_sum, workers, plan.batch_size)
+        stats = _step.gradient_stats(mean_sq, piece_sq_sum, pieces, plan.batch_size)
     _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
     return loss, lr, stats
 
@@ -156,14 +171,16 @@ def run_updates(
     """
     module, optimizer, config = model.module, model.optimizer, model.config
     # Gradients live as views of one flat buffer, so backward writes straight
-    # into what is reduced: one reduction per update, no copies. Three extra
-    # slots carry the stop votes, the loss sum and this rank's squared gradient norm.
+    # into what is reduced: one reduction per update, no copies. Four extra
+    # slots carry the stop votes, the loss sum and this rank's piece statistics
+    # (sum of |s_i|^2 / b_i, number of pieces).
     params = [p for p in module.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
-    flat = torch.zeros(sum(sizes) + 3, dtype=dtype, device=model.examples.device)
-    grads = flat[:-3]
+    flat = torch.zeros(sum(sizes) + EXTRA_SLOTS, dtype=dtype, device=model.examples.device)
+    grads = flat[:-EXTRA_SLOTS]
     stop_agreed = False
+    needs_stats = config.needs_grad_stats(damper)
     for p, view in zip(params, torch.split(grads, sizes)):
         p.grad = view.view_as(p)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -174,34 +191,43 @@ def run_updates(
             began = time.perf_counter()
             if damper.needs_loss and damper.loss_due(state):
                 state.train_loss = training_loss(model, damper, state, reducer)
-            plan = next_update(damper, state, config.max_batch_size, offset)
+            plan = next_update(damper, state, config.max_batch_size, offset, config.lr_scaling)
             if stop_agreed or (keep_going is not None and not keep_going(plan)):
                 return offset, plan
             lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
             flat.zero_()
             if stop_vote is not None and stop_vote():
-                flat[-3] = 1
+                flat[VOTE] = 1
             if hi > lo:
                 # The next update's slice, if its batch size is this one's: a guess
                 # that the examples may use to load ahead (a wrong one is dropped).
                 ahead = offset + plan.batch_size
                 upcoming = order[ahead + lo : ahead + hi] if ahead + hi <= n else None
-                flat[-2] = rank_gradient(model, order[offset + lo : offset + hi], upcoming)
-                if damper.needs_grad_stats:
-                    flat[-1] = grads.double().pow(2).sum() / (hi - lo) ** 2
+                norms = _step.PieceNorms(lambda: [grads]) if needs_stats else None
+                flat[LOSS] = rank_gradient(
+                    model,
+                    order[offset + lo : offset + hi],
+                    upcoming,
+                    norms,
+                    alone=reducer.world == 1,
+                )
+                if norms is not None:
+                    flat[PIECE_SQ], flat[PIECES] = norms.result()
             reducer.all_reduce(flat)
-            stop_agreed = bool(flat[-3] > 0)
+            stop_agreed = bool(flat[VOTE] > 0)
             loss, lr, stats = step(
                 model,
                 plan,
                 state.model_updates + 1,
-                float(flat[-2]),
-                float(flat[-1]),
-                reducer.world,
+                float(flat[LOSS]),
+                float(flat[PIECE_SQ]),
+                float(flat[PIECES]),
                 base_lrs,
-                damper.needs_grad_stats,
+                needs_stats,
             )
-            advance(state, plan.batch_size)
+            if needs_stats:
+                stats = gns.smoothed(state.grad_stats, stats)
+            advance(state, plan.batch_size, plan.progress)
             state.last_loss, state.grad_stats = loss, stats
             offset += plan.batch_size
             on_update(

@@ -10,12 +10,13 @@ the result does not depend on ``P``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import gns
 from ..exceptions import ConvergenceError
 
 # Examples per forward pass when only evaluating the loss (no gradients kept).
@@ -38,13 +39,16 @@ def accumulate_gradient_sum(
     X: torch.Tensor,
     y: torch.Tensor,
     micro_batch: int | None = None,
+    on_piece: Callable[[int], None] | None = None,
 ) -> float:
     """Add the *sum* of per-example gradients over ``X, y`` into ``p.grad``.
 
     Works in micro-batches of at most ``micro_batch`` examples so memory stays
     bounded whatever the slice size. ``criterion`` must average over its batch
     (PyTorch's default ``reduction='mean'``); the mean is scaled back to a sum.
-    Returns the summed loss over the examples.
+    ``on_piece``, if given, is called with each micro-batch's size right after
+    its backward pass (see :class:`PieceNorms`). Returns the summed loss over
+    the examples.
     """
     n = len(X)
     step = n if not micro_batch else micro_batch
@@ -54,7 +58,53 @@ def accumulate_gradient_sum(
         loss = criterion(module(xb), yb) * len(xb)
         loss.backward()
         loss_sum += float(loss.detach())
+        if on_piece is not None:
+            on_piece(len(xb))
     return loss_sum
+
+
+class PieceNorms:
+    """``sum_i |s_i|^2 / b_i`` over the pieces of a gradient sum built piece by piece.
+
+    A piece is one micro-batch of :func:`accumulate_gradient_sum`; ``s_i`` is
+    its gradient sum, the change it made to the gradients, and ``b_i`` its
+    size. The gradients are read through ``tensors`` (called anew per piece:
+    ``p.grad`` may only be allocated by the first backward pass). One copy of
+    the gradients is kept, so the cost is a few passes over the parameters
+    per piece, and nothing per example.
+    """
+
+    def __init__(self, tensors: Callable[[], Sequence[torch.Tensor]]):
+        self.tensors = tensors
+        self.before = [t.detach().clone() for t in tensors()]
+        self.count = 0
+        self.sq_sum: torch.Tensor | float = 0.0
+
+    def __call__(self, size: int) -> None:
+        total: torch.Tensor | float = 0.0
+        for now, before in zip(self.tensors(), self.before):
+            total = total + (now.detach().double() - before.double()).pow(2).sum()
+            before.copy_(now.detach())
+        # Kept as a tensor: no device sync per piece.
+        self.sq_sum = self.sq_sum + total / size
+        self.count += 1
+
+    def result(self) -> tuple[float, int]:
+        """``(sum_i |s_i|^2 / b_i, number of pieces)``."""
+        return float(self.sq_sum), self.count
+
+
+def stats_micro_batch(micro_batch: int | None, n: int, alone: bool) -> int | None:
+    """The micro-batch size of a slice of ``n`` examples when gradient statistics are wanted.
+
+    The pieces are the small batches the noise scale is estimated from
+    (:mod:`adadamp.gns`). A rank that holds the whole batch (``alone``) in
+    one micro-batch would have a single piece, and so no estimate: it then
+    computes its slice in two halves, as two workers would.
+    """
+    if alone and n > 1 and (micro_batch is None or micro_batch >= n):
+        return math.ceil(n / 2)
+    return micro_batch
 
 
 def gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -124,18 +174,16 @@ def loss_indices(seed: int, model_updates: int, n: int, fraction: float) -> np.n
 
 
 def gradient_stats(
-    mean_grad_sq_norm: float, worker_sq_norm_sum: float, workers: int, batch_size: int
+    batch_sq_norm: float, piece_sq_sum: float, pieces: float, batch_size: int
 ) -> dict[str, float]:
-    """Scalars a damper may read about the last update's gradient.
+    """Scalars a damper may read about the last update's gradient, before smoothing.
 
     ``grad_sq_norm`` is the squared norm of the update's mean gradient;
-    ``worker_grad_sq_norm`` the mean over workers of each worker's own mean
-    gradient's squared norm, over ``worker_batch_size`` examples. Two batch
-    sizes with their squared norms are what the gradient noise scale
-    (McCandlish et al., 2018) is estimated from, at no extra pass.
+    ``gns_grad_sq`` and ``gns_trace`` the unbiased estimates of ``|G|^2``
+    and ``tr(Sigma)`` from the update's pieces (:func:`adadamp.gns.raw_estimates`),
+    at no extra pass.
     """
     return {
-        "grad_sq_norm": mean_grad_sq_norm,
-        "worker_grad_sq_norm": worker_sq_norm_sum / workers,
-        "worker_batch_size": batch_size / workers,
+        "grad_sq_norm": batch_sq_norm,
+        **gns.raw_estimates(batch_sq_norm, piece_sq_sum, pieces, batch_size),
     }

@@ -28,6 +28,16 @@ class TrainConfig:
     device: str = "cpu"
     epochs: int | None = None
     """How many epochs the fit runs: engines plan the workers a schedule needs ahead."""
+    lr_scaling: str = "none"
+    """How the learning rate follows the batch size (:func:`adadamp.gns.lr_gain`)."""
+
+    def needs_grad_stats(self, damper: BaseDamper) -> bool:
+        """Whether updates compute the gradient statistics: the damper or AdaScale reads them."""
+        return damper.needs_grad_stats or self.lr_scaling == "adascale"
+
+    def plans_read_model(self, damper: BaseDamper) -> bool:
+        """Whether an update's plan depends on the updates before it (no planning ahead)."""
+        return damper.adaptive or self.lr_scaling == "adascale"
 
     def workers_for(self, batch_size: int) -> int:
         """The worker count an update of ``batch_size`` examples wants."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import gns
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule
@@ -67,17 +68,26 @@ def gradient_task(
     indices: torch.Tensor,
     needs_stats: bool,
     epoch: int,
+    alone: bool = False,
 ) -> tuple[list[torch.Tensor], float, float, int]:
-    """Summed gradients over ``indices`` at ``weights``: (grads, loss sum, squared norm, count)."""
+    """Summed gradients over ``indices`` at ``weights``.
+
+    Returns ``(grads, loss sum, sum_i |s_i|^2 / b_i, pieces)``: the last two
+    are the per-piece norms of the gradient statistics (zeros without
+    ``needs_stats``), see :class:`~._step.PieceNorms`.
+    """
     model = _worker.worker_model(payload)
     set_epoch(model.examples, epoch)
     _worker.load_state(model, weights.module_state, None, weights.token)
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
-    loss = rank_gradient(model, indices.to(model.examples.device))
+    norms = None
+    if needs_stats and len(indices):
+        norms = _step.PieceNorms(lambda: _step.gradient_tensors(model.module))
+    loss = rank_gradient(model, indices.to(model.examples.device), norms=norms, alone=alone)
     grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module)]
-    sq = _step.squared_norm(grads) / len(indices) ** 2 if needs_stats and len(indices) else 0.0
-    return grads, loss, sq, len(indices)
+    piece_sq, pieces = norms.result() if norms is not None else (0.0, 0)
+    return grads, loss, piece_sq, pieces
 
 
 def update_task(
@@ -100,7 +110,7 @@ def update_task(
         update,
         sum(r[1] for r in results),
         sum(r[2] for r in results),
-        len(results),
+        sum(r[3] for r in results),
         base_lrs,
         needs_stats,
     )
@@ -146,12 +156,17 @@ class CentralizedEngine(DaskEngine):
         weights = client.submit(weights_of, server, pure=False)
         pending: list[tuple[UpdatePlan, int, object]] = []
         epoch_began = time.time()
+        needs_stats = config.needs_grad_stats(damper)
         last_finished = [epoch_began]
 
         def flush() -> None:
             """Wait for the submitted updates and record them in order."""
             infos = client.gather([info for _, _, info in pending])
             for (plan, workers, _), info in zip(pending, infos):
+                if needs_stats:
+                    # Smoothed here, in update order, as the other engines do in the loop.
+                    info.grad_stats = gns.smoothed(state.grad_stats, info.grad_stats)
+                    state.grad_stats = info.grad_stats
                 on_update(
                     UpdateRecord(
                         plan.damping,
@@ -165,7 +180,7 @@ class CentralizedEngine(DaskEngine):
                 )
                 last_finished[0] = info.finished
             if damper.adaptive and infos:
-                state.last_loss, state.grad_stats = infos[-1].loss, infos[-1].grad_stats
+                state.last_loss = infos[-1].loss
             pending.clear()
 
         offset = 0
@@ -174,7 +189,7 @@ class CentralizedEngine(DaskEngine):
             if damper.needs_loss and damper.loss_due(state):
                 flush()
                 state.train_loss = self._training_loss(damper, state, weights, epoch)
-            plan = next_update(damper, state, config.max_batch_size, offset)
+            plan = next_update(damper, state, config.max_batch_size, offset, config.lr_scaling)
             wanted = config.workers_for(plan.full_batch_size)
             if self._rule is None:
                 self._rule = WorkerCountRule(self.scale_to(wanted), immediate=not damper.adaptive)
@@ -192,8 +207,9 @@ class CentralizedEngine(DaskEngine):
                     payload,
                     weights,
                     batch[lo:hi].clone(),
-                    damper.needs_grad_stats,
+                    needs_stats,
                     epoch,
+                    len(workers) == 1,
                     workers=[w],
                     allow_other_workers=True,
                     pure=False,
@@ -207,7 +223,7 @@ class CentralizedEngine(DaskEngine):
                 plan,
                 state.model_updates + 1,
                 base_lrs,
-                damper.needs_grad_stats,
+                needs_stats,
                 *grads,
                 workers=[workers[0]],
                 allow_other_workers=True,
@@ -217,9 +233,9 @@ class CentralizedEngine(DaskEngine):
             weights = client.submit(operator.itemgetter(1), result, pure=False)
             info = client.submit(operator.itemgetter(2), result, pure=False)
             pending.append((plan, len(workers), info))
-            advance(state, plan.batch_size)
+            advance(state, plan.batch_size, plan.progress)
             offset += plan.batch_size
-            if damper.adaptive:
+            if config.plans_read_model(damper):
                 flush()
         flush()
         final = server.result()

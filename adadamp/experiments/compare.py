@@ -1,6 +1,8 @@
-"""``adadamp compare``: one model trained under the five Smith et al. schedules.
+"""``adadamp compare``: one model trained under the five Smith et al. schedules and GNSDamp.
 
-Every schedule of :func:`adadamp.experiments.schedules.smith_schedules` trains
+Every schedule of :func:`adadamp.experiments.schedules.compare_schedules` (the
+five of ``smith_schedules``, and ``GNSDamp``, whose batch size follows the
+gradient noise scale) trains
 the same model from the same initial weights (per seed) with the same
 optimizer: SGD with Nesterov momentum 0.9 and weight decay 5e-4, as in Smith
 et al. and the adadamp paper. Per run the skorch history is kept (test
@@ -50,7 +52,7 @@ from .runtime import (
     torch_threads,
     worker_limit,
 )
-from .schedules import SCHEDULE_NAMES, SmithSchedule, increase_epochs, smith_schedules
+from .schedules import SCHEDULE_NAMES, SmithSchedule, compare_schedules, increase_epochs
 
 # CompareConfig and RunResult live in results.py (the plots read them too);
 # they are listed here as the types this module's functions take and return.
@@ -172,6 +174,10 @@ def train_one(
         # The paper's setup: one worker per initial batch, so Dec. LR runs on
         # one worker and a model update takes about the same time throughout.
         grads_per_worker=config.batch_size,
+        # A damper that reads the gradient noise scale estimates it from the
+        # pieces of the batch: here the slices of b examples that one worker
+        # each computes in the paper's setup, on every backend alike.
+        worker_max_batch_size=config.batch_size if schedule.damper.needs_grad_stats else None,
         max_workers=worker_limit(config.backend, config.max_workers),
         optimizer=torch.optim.SGD,
         optimizer__momentum=MOMENTUM,
@@ -248,7 +254,7 @@ def compare(config: CompareConfig, progress: bool = True) -> list[RunResult]:
     data = _load(config)
     schedules = [
         s
-        for s in smith_schedules(config.epochs, config.batch_size, config.lr)
+        for s in compare_schedules(config.epochs, config.batch_size, config.lr)
         if s.name in config.schedules
     ]
     results = []
@@ -472,7 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCHEDULE_NAMES,
         metavar="NAME",
         default=list(SCHEDULE_NAMES),
-        help="schedules to run (default: all five)",
+        help="schedules to run (default: all six)",
     )
     parser.add_argument(
         "--backend",

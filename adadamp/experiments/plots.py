@@ -26,6 +26,7 @@ SCHEDULE_STYLES: dict[str, dict[str, Any]] = {
     "Hybrid inc-2": {"color": "tab:green", "linestyle": "-."},
     "Inc. BS": {"color": "tab:red", "linestyle": ":"},
     "Hybrid*2": {"color": "tab:purple", "linestyle": (0, (5, 1, 1, 1, 1, 1))},
+    "GNSDamp": {"color": "tab:brown", "linestyle": (0, (1, 1))},
 }
 
 #: AdaDamp is drawn last and solid: with as few updates as GD, it lies on

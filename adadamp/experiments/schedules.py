@@ -45,13 +45,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..dampers import GeoDamp, GeoDampLR
+from ..dampers import BaseDamper, GeoDamp, GeoDampLR, GNSDamp
 
 __all__ = [
     "FACTOR",
+    "GNS_KAPPA",
     "INCREASE_FRACTION",
     "SCHEDULE_NAMES",
+    "SMITH_NAMES",
     "SmithSchedule",
+    "compare_schedules",
+    "gns_schedule",
     "increase_epochs",
     "schedule_delay",
     "smith_schedules",
@@ -64,8 +68,16 @@ FACTOR = 5
 #: at the same period (120, 180).
 INCREASE_FRACTION = 60 / 200
 
-#: The schedule names, in the order of the paper's figures.
-SCHEDULE_NAMES = ("Dec. LR", "Hybrid inc-1", "Hybrid inc-2", "Inc. BS", "Hybrid*2")
+#: The Smith et al. schedule names, in the order of the paper's figures.
+SMITH_NAMES = ("Dec. LR", "Hybrid inc-1", "Hybrid inc-2", "Inc. BS", "Hybrid*2")
+
+#: Every row of ``adadamp compare``: the Smith et al. schedules, then the
+#: batch size that follows the gradient noise scale.
+SCHEDULE_NAMES = (*SMITH_NAMES, "GNSDamp")
+
+#: ``GNSDamp``'s ``kappa`` in ``adadamp compare``, one value for both data
+#: sets (see the README's table for what it was chosen from).
+GNS_KAPPA = 1.0
 
 #: Most increases a schedule makes, as in Smith et al.
 MAX_INCREASES = 3
@@ -79,9 +91,10 @@ class SmithSchedule:
     ----------
     name : str
         The label of the paper's figures (e.g. ``"Inc. BS"``).
-    damper : GeoDamp
+    damper : BaseDamper
         The estimator's ``batch_size``: a :class:`~adadamp.dampers.GeoDamp`
-        (or its subclass :class:`~adadamp.dampers.GeoDampLR`).
+        (or its subclass :class:`~adadamp.dampers.GeoDampLR`), or for the
+        ``"GNSDamp"`` row a :class:`~adadamp.dampers.GNSDamp`.
     max_batch_size : int or None
         The estimator's ``max_batch_size``; ``None`` for no cap.
     lr : float
@@ -89,14 +102,17 @@ class SmithSchedule:
     """
 
     name: str
-    damper: GeoDamp
+    damper: BaseDamper
     max_batch_size: int | None
     lr: float
 
     @property
     def initial_batch_size(self) -> int:
         """Batch size of the first update."""
-        return int(self.damper.initial)
+        # Every damper of the comparison has one (GeoDamp, GeoDampLR, GNSDamp).
+        initial = getattr(self.damper, "initial", None)
+        assert initial is not None, f"{self.name}: its damper has no initial batch size"
+        return int(initial)
 
     @property
     def effective_max_batch_size(self) -> int | None:
@@ -175,6 +191,23 @@ def smith_schedules(
         # The paper's 5.1k (*2) row: 256 -> cap 5,120, i.e. 20 times the initial batch.
         SmithSchedule("Hybrid*2", geo(2 * b), 2 * b * 20, lr),
     ]
+
+
+def gns_schedule(initial_batch_size: int = 128, lr: float = 0.05) -> SmithSchedule:
+    """The ``"GNSDamp"`` row: :class:`~adadamp.dampers.GNSDamp` from ``b``, no cap.
+
+    Its batch size follows ``GNS_KAPPA`` times the gradient noise scale
+    (never shrinking, at least doubling per change); the learning rate stays
+    ``lr``, as in Inc. BS.
+    """
+    return SmithSchedule("GNSDamp", GNSDamp(initial=initial_batch_size, kappa=GNS_KAPPA), None, lr)
+
+
+def compare_schedules(
+    epochs: int, initial_batch_size: int = 128, lr: float = 0.05
+) -> list[SmithSchedule]:
+    """Every row of ``adadamp compare``, in the order of :data:`SCHEDULE_NAMES`."""
+    return [*smith_schedules(epochs, initial_batch_size, lr), gns_schedule(initial_batch_size, lr)]
 
 
 def _check_epochs(epochs: int) -> None:
