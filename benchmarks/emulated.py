@@ -22,12 +22,23 @@ Per worker count ``P`` the script:
 4. reads what the workers logged in the forward pass: the actual sleep, and
    the CPU time each worker process used per update.
 
+With ``--schedule`` it checks a whole run instead of one update time: a
+``GeoDamp`` schedule (batch 128, doubled every ``--delay`` epochs up to
+``128 * --schedule-workers``) trains on a cluster that starts with one worker
+and that the engine grows itself, asking for workers ahead. The fit's
+wall-clock, from ``fit`` to its return (the cluster's start excluded, every
+rescale, epoch boundary and process group included), is set against
+:func:`adadamp.simulate.simulate_run` of the same planned schedule under the
+network measured afterwards.
+
 Run from the repository root::
 
-    python benchmarks/emulated.py --quick   # P = 1, 2, 4, one model size (about a minute)
-    python benchmarks/emulated.py           # P = 1 ... 16, two model sizes (5 minutes)
+    python benchmarks/emulated.py --quick      # P = 1, 2, 4, one model size (about a minute)
+    python benchmarks/emulated.py              # P = 1 ... 16, two model sizes (5 minutes)
+    python benchmarks/emulated.py --schedule   # a GeoDamp run grown to 4 workers (about a minute)
 
-and it writes ``benchmarks/results/emulated.json`` (``--output`` to change).
+and it writes ``benchmarks/results/emulated.json`` (``emulated_schedule.json``
+with ``--schedule``; ``--output`` to change).
 """
 
 from __future__ import annotations
@@ -49,15 +60,19 @@ import torch
 from torch import nn
 
 from adadamp import DaskRegressor
+from adadamp.dampers import GeoDamp
 from adadamp.simulate import (
     T4_SECONDS_PER_EXAMPLE,
     WRN_16_4_PARAMS,
     Decentralized,
     Network,
+    PlannedRun,
+    simulate_run,
     update_time,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "emulated.json"
+SCHEDULE_RESULTS = RESULTS.with_name("emulated_schedule.json")
 # Where a worker keeps its forward-pass log (an attribute of the Dask worker object).
 LOG_ATTR = "_adadamp_emulated_log"
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)
@@ -355,7 +370,7 @@ def run_one(client, workers: list[str], n_params: int, args) -> dict:
     """Bare all-reduce, then the fit, on the ``P = len(workers)`` workers of the cluster."""
     p = len(workers)
     t0 = time.perf_counter()
-    n_flat = n_params + 2  # the engine's flat buffer: gradients, loss, grad-norm slots
+    n_flat = n_params + 3  # the engine's flat buffer: gradients, stop vote, loss, grad-norm
     bare = measure_allreduce(client, workers, n_flat, args.allreduce_reps)
     t1 = time.perf_counter()
 
@@ -439,6 +454,143 @@ def add_simulation(row: dict, network: Network, args) -> None:
     )
 
 
+# --------------------------------------------------------------------------- whole schedule
+def schedule_damper(args) -> GeoDamp:
+    """Batch ``grads_per_worker``, doubled every ``delay`` epochs until it needs the last worker."""
+    return GeoDamp(initial=args.grads_per_worker, delay=args.delay, factor=2)
+
+
+def schedule_epochs(args) -> int:
+    # One doubling per step from 1 worker to schedule_workers, each held for ``delay`` epochs.
+    return args.delay * (int(np.log2(args.schedule_workers)) + 1)
+
+
+def run_schedule(client, args) -> dict:
+    """One fit of the GeoDamp schedule on a cluster the engine grows from one worker."""
+    n_params = args.n_params[0]
+    n = args.grads_per_worker * args.updates_per_epoch
+    net = DaskRegressor(
+        EmulatedModule,
+        module__n_params=n_params,
+        module__seconds_per_example=args.seconds_per_example,
+        optimizer=torch.optim.SGD,
+        lr=1e-3,
+        batch_size=schedule_damper(args),
+        max_epochs=schedule_epochs(args),
+        grads_per_worker=args.grads_per_worker,
+        max_workers=args.schedule_workers,
+        backend="decentralized",
+        client=client,
+        random_state=0,
+        verbose=0,
+    )
+    began = time.perf_counter()
+    net.fit(torch.ones(n, 1), torch.zeros(n, 1))
+    fit_s = time.perf_counter() - began
+    client.run(_take_log)
+    updates = [b for epoch in net.history_ for b in epoch["batches"]]
+    rescales = [r for epoch in net.history_ for r in epoch["rescales"]]
+    return {
+        "n_params": n_params,
+        "n_examples": n,
+        "epochs": schedule_epochs(args),
+        "measured_fit_s": fit_s,
+        "sum_of_update_durations_s": float(sum(b["duration"] for b in updates)),
+        "updates": len(updates),
+        "workers_per_update": [b["workers"] for b in updates],
+        "batch_size_per_update": [b["train_batch_size"] for b in updates],
+        "rescales": rescales,
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def simulate_schedule(row: dict, network: Network, args) -> dict:
+    sim = simulate_run(
+        PlannedRun(schedule_damper(args), row["n_examples"], row["epochs"]),
+        network=network,
+        architecture=Decentralized(),
+        seconds_per_example=args.seconds_per_example,
+        n_params=row["n_params"],
+        grads_per_worker=args.grads_per_worker,
+        max_workers=args.schedule_workers,
+    )
+    if sim.n_updates != row["updates"] or list(sim.workers) != row["workers_per_update"]:
+        raise RuntimeError(
+            f"the fit ran {row['updates']} updates on workers {row['workers_per_update']}, "
+            f"the plan {sim.n_updates} on {list(sim.workers)}"
+        )
+    return {
+        "simulated_s": sim.total_seconds,
+        "simulated_vs_measured": sim.total_seconds / row["measured_fit_s"],
+        "simulated_vs_sum_of_update_durations": sim.total_seconds
+        / row["sum_of_update_durations_s"],
+    }
+
+
+def main_schedule(args, argv) -> dict:
+    from distributed import Client, LocalCluster
+
+    started = time.perf_counter()
+    machine = machine_info()
+    cluster = LocalCluster(
+        n_workers=1,
+        processes=True,
+        threads_per_worker=1,
+        memory_limit=args.memory_limit,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    )
+    client = Client(cluster)
+    try:
+        row = run_schedule(client, args)
+        # Measured after the fit, when the cluster has grown to two workers or
+        # more, once no worker still runs a task of the fit (a warm-up that a
+        # short fit did not wait for).
+        while any(client.processing().values()):
+            time.sleep(0.1)
+        net_info = measure_network(client, args.n_params[0] * 4, reps=args.ping_reps)
+    finally:
+        client.close()
+        cluster.close()
+    network = Network(net_info["bandwidth_bps"], net_info["latency_s"])
+    row.update(simulate_schedule(row, network, args))
+    stalls = [r["seconds"] for r in row["rescales"]]
+    result = {
+        "command": " ".join(
+            ["python benchmarks/emulated.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": machine,
+        "settings": {
+            "damper": repr(schedule_damper(args)),
+            "n_params": args.n_params[0],
+            "seconds_per_example": args.seconds_per_example,
+            "grads_per_worker": args.grads_per_worker,
+            "schedule_workers": args.schedule_workers,
+            "memory_limit": args.memory_limit,
+        },
+        "network": net_info,
+        "schedule": row,
+        "targets": {"simulated_vs_measured_within": 0.2},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"loopback (measured): {network.describe()}")
+    print(
+        f"GeoDamp to {args.schedule_workers} workers, {row['updates']} updates, "
+        f"{row['n_params']:,} params: measured fit {row['measured_fit_s']:.2f} s "
+        f"(updates alone {row['sum_of_update_durations_s']:.2f} s), "
+        f"simulated {row['simulated_s']:.2f} s, simulated/measured "
+        f"{row['simulated_vs_measured']:.2f}; rescales "
+        + ", ".join(f"{r['from']}->{r['to']} stalled {r['seconds']:.2f} s" for r in row["rescales"])
+        + f" (total {sum(stalls):.2f} s)"
+    )
+    print(f"wrote {args.output} ({result['wall_seconds']:.0f} s)")
+    return result
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -478,12 +630,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allreduce-reps", type=int, default=5)
     parser.add_argument("--ping-reps", type=int, default=30)
     parser.add_argument("--memory-limit", default="1GiB", help="per Dask worker")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--schedule",
+        action="store_true",
+        help="a whole GeoDamp run grown from 1 worker, against simulate_run (see above)",
+    )
+    parser.add_argument(
+        "--schedule-workers",
+        type=int,
+        default=4,
+        help="workers the schedule grows to (a power of 2)",
+    )
+    parser.add_argument("--delay", type=int, default=2, help="epochs between doublings")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    args.output = args.output or (SCHEDULE_RESULTS if args.schedule else RESULTS)
     args.workers = args.workers or ([1, 2, 4] if args.quick else [1, 2, 4, 8, 16])
     args.updates_per_epoch = args.updates_per_epoch or (10 if args.quick else 30)
     args.n_params = args.n_params or (
-        [WRN_16_4_PARAMS] if args.quick else [WRN_16_4_PARAMS, WRN_16_4_PARAMS // 10]
+        # The schedule run uses the smaller model: its all-reduce over 4 ranks on
+        # 2 cores stays within the network formula (see docs/simulation.md).
+        [WRN_16_4_PARAMS // 10]
+        if args.schedule
+        else [WRN_16_4_PARAMS]
+        if args.quick
+        else [WRN_16_4_PARAMS, WRN_16_4_PARAMS // 10]
     )
     if args.warmup >= args.updates_per_epoch - 1:
         parser.error("--warmup must leave at least 2 updates per epoch")
@@ -499,6 +670,8 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", message="Sending large graph")
 
     args = parse_args(argv)
+    if args.schedule:
+        return main_schedule(args, argv)
     started = time.perf_counter()
     machine = machine_info()
     # One cluster, grown: P ascending, so scaling only ever starts workers.
