@@ -39,7 +39,7 @@ def accumulate_gradient_sum(
     X: torch.Tensor,
     y: torch.Tensor,
     micro_batch: int | None = None,
-    on_piece: Callable[[int], None] | None = None,
+    on_piece: Callable[[int, bool], None] | None = None,
 ) -> float:
     """Add the *sum* of per-example gradients over ``X, y`` into ``p.grad``.
 
@@ -59,7 +59,7 @@ def accumulate_gradient_sum(
         loss.backward()
         loss_sum += float(loss.detach())
         if on_piece is not None:
-            on_piece(len(xb))
+            on_piece(len(xb), start + step >= n)
     return loss_sum
 
 
@@ -69,24 +69,37 @@ class PieceNorms:
     A piece is one micro-batch of :func:`accumulate_gradient_sum`; ``s_i`` is
     its gradient sum, the change it made to the gradients, and ``b_i`` its
     size. The gradients are read through ``tensors`` (called anew per piece:
-    ``p.grad`` may only be allocated by the first backward pass). One copy of
-    the gradients is kept, so the cost is a few passes over the parameters
-    per piece, and nothing per example.
+    ``p.grad`` may only be allocated by the first backward pass) and must be
+    zero when the first piece starts. With ``g_i`` the gradients after piece
+    ``i``, ``|s_i|^2 = |g_i|^2 - 2 g_i . g_(i-1) + |g_(i-1)|^2``: two dot
+    products per piece and a copy of ``g_i`` for the next one (none after
+    the last), nothing per example.
     """
 
     def __init__(self, tensors: Callable[[], Sequence[torch.Tensor]]):
         self.tensors = tensors
-        self.before = [t.detach().clone() for t in tensors()]
+        self.previous: list[torch.Tensor] | None = None  # g_(i-1); None: all zeros
+        self.previous_sq: torch.Tensor | float = 0.0
         self.count = 0
         self.sq_sum: torch.Tensor | float = 0.0
 
-    def __call__(self, size: int) -> None:
-        total: torch.Tensor | float = 0.0
-        for now, before in zip(self.tensors(), self.before):
-            total = total + (now.detach().double() - before.double()).pow(2).sum()
-            before.copy_(now.detach())
+    def __call__(self, size: int, last: bool = False) -> None:
+        now = [t.detach().reshape(-1) for t in self.tensors()]
+        now_sq = sum(torch.dot(t, t).double() for t in now)
+        piece_sq = now_sq
+        if self.previous is not None:
+            cross = sum(torch.dot(t, p).double() for t, p in zip(now, self.previous))
+            # Rounding can take a tiny piece below zero; a squared norm is not.
+            piece_sq = torch.clamp(torch.as_tensor(now_sq - 2 * cross + self.previous_sq), min=0.0)
+        if not last:
+            if self.previous is None:
+                self.previous = [t.clone() for t in now]
+            else:
+                for p, t in zip(self.previous, now):
+                    p.copy_(t)
+            self.previous_sq = now_sq
         # Kept as a tensor: no device sync per piece.
-        self.sq_sum = self.sq_sum + total / size
+        self.sq_sum = self.sq_sum + piece_sq / size
         self.count += 1
 
     def result(self) -> tuple[float, int]:
@@ -113,7 +126,10 @@ def gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def squared_norm(tensors: Sequence[torch.Tensor]) -> float:
-    return float(sum(t.detach().double().pow(2).sum() for t in tensors))
+    # A dot product per tensor: no float64 copy of a large model's gradients.
+    return float(
+        sum(torch.dot(t.detach().reshape(-1), t.detach().reshape(-1)).double() for t in tensors)
+    )
 
 
 def apply_update(
