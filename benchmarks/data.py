@@ -34,6 +34,7 @@ It prints the figures and writes ``benchmarks/results/data.json`` (speed) or
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -271,6 +272,9 @@ def run_memory(args) -> dict:
         client = Client(cluster, set_as_default=False)
         try:
             scale_cluster(cluster, client, 2)
+            # The workers' own start (importing torch and the engine, a few
+            # hundred MB each) is the cluster's, not the data's: done first.
+            client.run(importlib.import_module, "adadamp.engines.decentralized")
             pids = {"client": os.getpid()}
             for i, pid in enumerate(sorted(client.run(os.getpid).values())):
                 pids[f"worker_{i}"] = pid
