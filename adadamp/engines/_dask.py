@@ -18,7 +18,7 @@ from torch import nn
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
 from ..examples import Examples, TensorExamples
-from ..scaling import WorkerScaler
+from ..scaling import WorkerScaler, available_workers
 from ..schedule import advance, next_update
 from ..state import TrainState
 from . import _worker
@@ -380,16 +380,32 @@ class DaskEngine(Engine):
 
     def close(self) -> None:
         try:
-            if self.warmer is not None:
-                with contextlib.suppress(Exception):
-                    self.warmer.close()
-                self.warmer = None
             if self.payload_future is not None:
                 with contextlib.suppress(Exception):
-                    self.client.run(_worker.release, self.fit_id)
+                    self.run_on_workers(_worker.release_soon, self.fit_id)
                 with contextlib.suppress(Exception):
                     self.client.unpublish_dataset(self.payload_ref.name)
                 self.payload_future.release()
                 self.payload_future = None
         finally:
+            if self.warmer is not None:
+                with contextlib.suppress(Exception):
+                    self.warmer.close()
+                self.warmer = None
             self._exit.close()
+
+    def run_on_workers(self, function, *args) -> None:
+        """Run the coroutine ``function(*args)`` on every worker, waiting only for ready ones.
+
+        A worker still warming up (importing torch, a GIL-bound import that
+        starves its event loop) would hold the fit's end for seconds: it gets
+        the call without the wait (Dask allows that for coroutines only).
+        :func:`~._worker.worker_model` keeps no model for a fit released
+        before its build finished.
+        """
+        ready = self.warmer.ready() if self.warmer is not None else []
+        others = [w for w in available_workers(self.client) if w not in ready]
+        if ready or self.warmer is None:
+            self.client.run(function, *args, workers=ready or None)
+        if others and self.warmer is not None:
+            self.client.run(function, *args, workers=others, wait=False)

@@ -88,6 +88,8 @@ _MODELS: dict[str, WorkerModel] = {}
 # fit id -> how many times the payload was fetched by this worker process
 # (once per fit, unless the fit was released): lets tests count transfers.
 _ARRIVALS: dict[str, int] = defaultdict(int)
+# Fits released on this worker (one id per fit): a build that finishes later is not kept.
+_RELEASED: set[str] = set()
 
 
 _ALLOCATOR_TUNED = False
@@ -131,7 +133,8 @@ def worker_model(ref: PayloadRef) -> WorkerModel:
         model = _MODELS.get(ref.fit_id)
         if model is None:
             model = _build_model(ref)
-            _MODELS[ref.fit_id] = model
+            if ref.fit_id not in _RELEASED:  # a warm-up that outlived its fit keeps nothing
+                _MODELS[ref.fit_id] = model
     return model
 
 
@@ -220,8 +223,14 @@ def data_arrivals(fit_id: str) -> int:
     return _ARRIVALS.get(fit_id, 0)
 
 
+async def release_soon(fit_id: str) -> None:
+    """:func:`release`, as a coroutine: ``client.run`` need not wait for it (a busy worker)."""
+    release(fit_id)
+
+
 def release(fit_id: str) -> None:
     """Forget a finished fit's module and data, and give the memory back."""
+    _RELEASED.add(fit_id)
     model = _MODELS.pop(fit_id, None)
     if model is not None:
         close(model.examples)  # loader processes, if the examples started any

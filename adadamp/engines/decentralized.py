@@ -17,9 +17,9 @@ optimizer settings (a skorch callback may have changed the learning rate)
 and, if a callback changed them, the weights. When the damper's batch size
 calls for another worker count (see :class:`~adadamp.scaling.WorkerCountRule`),
 or a worker is lost, rank 0 returns the state at that update, and a new
-group starts from it on the new workers. Growing, the new group starts on
-the workers that already hold the fit's model (:mod:`._warm`); while it is
-short of workers, the client asks rank 0 to stop it as soon as more are
+group starts from it on the new workers. A group starts on the workers
+that already hold the fit's model (:mod:`._warm`); while it is short of
+workers, the client asks rank 0 to stop it as soon as more are
 ready, and every rank stops at the same update (the vote rides in the
 reduced buffer).
 """
@@ -252,8 +252,11 @@ def warm_rank(ref: _worker.PayloadRef) -> None:
     _worker.warm(ref)
 
 
-def release_segment(fit_id: str) -> None:
-    """Forget this worker's segment of a fit (its group goes with it)."""
+async def release_segment(fit_id: str) -> None:
+    """Forget this worker's segment of a fit (its group goes with it).
+
+    A coroutine, so that ``client.run`` need not wait for a busy worker.
+    """
     _SEGMENTS.pop(fit_id, None)
     _STOP_REQUESTS.difference_update({t for t in _STOP_REQUESTS if t.startswith(fit_id)})
 
@@ -272,11 +275,10 @@ class DecentralizedEngine(DaskEngine):
         super().__init__()
         # (token, workers, target count) of the running segment
         self._running: tuple[str, list[str], int] | None = None
-        self._grow_from = 0  # workers of the segment that stopped to grow, for the next one
         self._held: dict | None = None  # the weights the client last adopted
 
     def start(self, *args, **kwargs) -> None:
-        self._running, self._held, self._grow_from = None, None, 0
+        self._running, self._held = None, None
         super().start(*args, **kwargs)
 
     def run_epoch(
@@ -290,7 +292,6 @@ class DecentralizedEngine(DaskEngine):
             # ready now: start over on them.
             target = self._running[2]
             self.note_rescale(state.model_updates, len(self._running[1]), target)
-            self._grow_from = len(self._running[1])
             self._running = None
         while True:
             if self._running is None:
@@ -344,7 +345,6 @@ class DecentralizedEngine(DaskEngine):
                 break
             assert self._running is not None
             self.note_rescale(state.model_updates, len(self._running[1]), handoff.wanted_workers)
-            self._grow_from = len(self._running[1])
             self._running, target = None, handoff.wanted_workers
             self.plan_ahead(damper, state, offset)
         self.adopt_state(module_state, optimizer_state)
@@ -399,23 +399,23 @@ class DecentralizedEngine(DaskEngine):
     def _segment_workers(self, target: int) -> list[str]:
         """The workers of a new segment that wants ``target`` of them.
 
-        Growing from a running segment, training does not wait for workers
-        to start: the cluster is asked for ``target`` and the segment starts
-        on the workers whose model is built already (at least those of the
-        segment before). It runs short until more are ready, and is then
-        stopped and restarted on them (:meth:`_wait_for_ranks`). Otherwise
-        (the first segment, shrinking, a lost worker) the cluster is scaled
-        to ``target`` and waited for.
+        Training does not wait for workers to start: when fewer than
+        ``target`` hold the fit's model, the cluster is asked for ``target``
+        and the segment starts on those that do. It runs short until more are
+        ready, and is then stopped and restarted on them (:meth:`_wait_for_ranks`).
+        Only with no worker ready at all (a cluster without workers yet) is
+        the cluster scaled and waited for. Otherwise it is scaled to
+        ``target`` (shrunk, as far as it may be) and the ready workers come first.
         """
-        grow_from, self._grow_from = self._grow_from, 0
-        if grow_from and target > grow_from:
+        ready = self.ready_workers()
+        if ready and target > len(ready):
             self.scaler.request(target)
-            ready = self.ready_workers()[:target]
-            if len(ready) >= grow_from:
-                self.scaler.running_on(len(ready))
-                return ready
+            self.scaler.running_on(len(ready))
+            return ready
         world = self.scale_to(target)
-        return self.scaler.workers()[:world]
+        ready = self.ready_workers()  # again: shrinking may have retired some
+        others = [w for w in self.scaler.workers() if w not in ready]
+        return (ready + others)[:world]
 
     def _more_ready(self) -> bool:
         """Whether the running segment is short of workers and more are ready to join it."""
@@ -492,7 +492,7 @@ class DecentralizedEngine(DaskEngine):
         self._running, self._held = None, None
         if self.payload_future is not None:
             with contextlib.suppress(Exception):
-                self.client.run(release_segment, self.fit_id)
+                self.run_on_workers(release_segment, self.fit_id)
         super().close()
 
 
