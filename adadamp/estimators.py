@@ -504,7 +504,8 @@ _DAMPED_DOC = """
     grads_per_worker : int, default=32
         Examples per worker: ``ceil(B / grads_per_worker)`` workers are wanted.
     min_workers, max_workers : int, default=1 and None
-        Bounds on the number of workers.
+        Bounds on the number of workers wanted. Training does not wait for
+        workers to start: it runs on fewer while they do.
     worker_max_batch_size : int or None, default=None
         Largest micro-batch one worker computes at once; larger slices
         accumulate gradients over several.
