@@ -533,11 +533,10 @@ def simulate_schedule(row: dict, network: Network, args) -> dict:
     }
 
 
-def main_schedule(args, argv) -> dict:
+def one_worker_cluster(args):
+    """A LocalCluster of one worker process (one thread), and its client: both modes grow it."""
     from distributed import Client, LocalCluster
 
-    started = time.perf_counter()
-    machine = machine_info()
     cluster = LocalCluster(
         n_workers=1,
         processes=True,
@@ -548,7 +547,13 @@ def main_schedule(args, argv) -> dict:
         silence_logs=logging.ERROR,
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
     )
-    client = Client(cluster)
+    return cluster, Client(cluster)
+
+
+def main_schedule(args, argv) -> dict:
+    started = time.perf_counter()
+    machine = machine_info()
+    cluster, client = one_worker_cluster(args)
     try:
         # The cluster's start, not the schedule's (as adadamp compare does): its
         # worker imports the engine, and this process torch.optim (whose first
@@ -681,8 +686,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     import warnings
 
-    from distributed import Client, LocalCluster
-
     # Each segment task carries the model's state (~n_params * 4 bytes): expected here.
     warnings.filterwarnings("ignore", message="Sending large graph")
 
@@ -692,17 +695,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     machine = machine_info()
     # One cluster, grown: P ascending, so scaling only ever starts workers.
-    cluster = LocalCluster(
-        n_workers=1,
-        processes=True,
-        threads_per_worker=1,
-        memory_limit=args.memory_limit,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-    )
-    client = Client(cluster)
+    cluster, client = one_worker_cluster(args)
     net_info, rows = None, []
     try:
         for p in args.workers:

@@ -175,6 +175,9 @@ def test_one_rank_splits_its_batch_in_two():
     ],
 )
 def test_workers_estimate_as_micro_batches_do(dask_client, workers, backend):
+    # The workers are there before the fit: a fit does not wait for one to start.
+    dask_client.cluster.scale(workers)
+    dask_client.wait_for_workers(workers)
     reference = _digits_fit("local", micro=P_BATCH // max(workers, 2))
     est = _digits_fit(backend, client=dask_client, workers=workers)
     assert updates(est, "workers") == [workers] * len(updates(reference, "workers"))
