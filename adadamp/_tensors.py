@@ -1,10 +1,9 @@
-"""Turning a skorch training dataset into two tensors, once per fit."""
+"""The in-memory arrays behind a training dataset as two tensors, once per fit."""
 
 from __future__ import annotations
 
 import torch
-from skorch.dataset import Dataset
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset, TensorDataset
 
 
 def _to_tensor(data) -> torch.Tensor:
@@ -12,20 +11,21 @@ def _to_tensor(data) -> torch.Tensor:
 
 
 def dataset_to_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of ``dataset`` as ``(X, y)`` tensors.
+    """The arrays behind ``dataset`` as ``(X, y)`` tensors, without reading items one by one.
 
-    Engines index the training set with whole index arrays (one gather per
-    update rather than one ``__getitem__`` per example), so it is materialised
-    once. skorch's own datasets and their subsets are sliced directly.
+    For the datasets whose examples are two in-memory arrays (see
+    ``_training_data._is_array_dataset``): skorch's Dataset of arrays, a
+    ``TensorDataset`` of two tensors, or a ``Subset`` of either, which is
+    sliced with one gather.
     """
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, Dataset):
+    if isinstance(dataset, Subset):
         X, y = dataset_to_tensors(dataset.dataset)
         idx = torch.as_tensor(dataset.indices, dtype=torch.long)
         return X[idx], y[idx]
-    if isinstance(dataset, Dataset) and dataset.y is not None and not isinstance(dataset.X, dict):
-        return _to_tensor(dataset.X), _to_tensor(dataset.y)
-    X, y = next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
-    return _to_tensor(X), _to_tensor(y)
+    if isinstance(dataset, TensorDataset):
+        X, y = dataset.tensors
+        return X, y
+    return _to_tensor(dataset.X), _to_tensor(dataset.y)
 
 
 def match_dtype(X: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:

@@ -35,17 +35,6 @@ def _is_array_dataset(dataset) -> bool:
     )
 
 
-def _tensor_dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(dataset, Subset):
-        X, y = _tensor_dataset_tensors(dataset.dataset)
-        idx = torch.as_tensor(dataset.indices, dtype=torch.long)
-        return X[idx], y[idx]
-    if isinstance(dataset, TensorDataset):
-        X, y = dataset.tensors
-        return X, y
-    return dataset_to_tensors(dataset)
-
-
 def check_dataset(X: Any) -> None:
     """Raise a clear error for a dataset given to ``fit`` that cannot be trained on.
 
@@ -109,6 +98,6 @@ def training_examples(
     if sparse is not None:
         return sparse
     if _is_array_dataset(dataset):
-        X, y = cast_pair(*_tensor_dataset_tensors(dataset), float_dtype, target_dtype)
+        X, y = cast_pair(*dataset_to_tensors(dataset), float_dtype, target_dtype)
         return TensorExamples(X, y)
     return DatasetExamples(dataset, seed, float_dtype, target_dtype, loader_params)
