@@ -63,6 +63,7 @@ from torch import nn
 
 from adadamp import DaskRegressor
 from adadamp.dampers import GeoDamp
+from adadamp.engines._loop import EXTRA_SLOTS
 from adadamp.simulate import (
     T4_SECONDS_PER_EXAMPLE,
     WRN_16_4_PARAMS,
@@ -368,31 +369,41 @@ def scale(client, cluster, p: int) -> list[str]:
     return available_workers(client)
 
 
-def run_one(client, workers: list[str], n_params: int, args) -> dict:
-    """Bare all-reduce, then the fit, on the ``P = len(workers)`` workers of the cluster."""
-    p = len(workers)
-    t0 = time.perf_counter()
-    n_flat = n_params + 3  # the engine's flat buffer: gradients, stop vote, loss, grad-norm
-    bare = measure_allreduce(client, workers, n_flat, args.allreduce_reps)
-    t1 = time.perf_counter()
-
-    batch = args.grads_per_worker * p
-    n = batch * args.updates_per_epoch
-    net = DaskRegressor(
+def emulated_regressor(client, n_params: int, args, **params) -> DaskRegressor:
+    """The decentralized regressor over an :class:`EmulatedModule` that both modes fit."""
+    return DaskRegressor(
         EmulatedModule,
         module__n_params=n_params,
         module__seconds_per_example=args.seconds_per_example,
         optimizer=torch.optim.SGD,
         lr=1e-3,
-        batch_size=batch,
-        max_epochs=args.epochs,
         grads_per_worker=args.grads_per_worker,
-        min_workers=p,
-        max_workers=p,
         backend="decentralized",
         client=client,
         random_state=0,
         verbose=0,
+        **params,
+    )
+
+
+def run_one(client, workers: list[str], n_params: int, args) -> dict:
+    """Bare all-reduce, then the fit, on the ``P = len(workers)`` workers of the cluster."""
+    p = len(workers)
+    t0 = time.perf_counter()
+    n_flat = n_params + EXTRA_SLOTS  # the engine's flat buffer: gradients and its extra slots
+    bare = measure_allreduce(client, workers, n_flat, args.allreduce_reps)
+    t1 = time.perf_counter()
+
+    batch = args.grads_per_worker * p
+    n = batch * args.updates_per_epoch
+    net = emulated_regressor(
+        client,
+        n_params,
+        args,
+        batch_size=batch,
+        max_epochs=args.epochs,
+        min_workers=p,
+        max_workers=p,
     )
     client.run(_take_log)
     # What the machine does without this fit (other work, idle Dask processes).
@@ -471,20 +482,13 @@ def run_schedule(client, args) -> dict:
     """One fit of the GeoDamp schedule on a cluster the engine grows from one worker."""
     n_params = args.n_params[0]
     n = args.grads_per_worker * args.updates_per_epoch
-    net = DaskRegressor(
-        EmulatedModule,
-        module__n_params=n_params,
-        module__seconds_per_example=args.seconds_per_example,
-        optimizer=torch.optim.SGD,
-        lr=1e-3,
+    net = emulated_regressor(
+        client,
+        n_params,
+        args,
         batch_size=schedule_damper(args),
         max_epochs=schedule_epochs(args),
-        grads_per_worker=args.grads_per_worker,
         max_workers=args.schedule_workers,
-        backend="decentralized",
-        client=client,
-        random_state=0,
-        verbose=0,
     )
     began = time.perf_counter()
     net.fit(torch.ones(n, 1), torch.zeros(n, 1))
