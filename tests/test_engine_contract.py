@@ -179,7 +179,7 @@ def test_a_stop_vote_ends_the_run_after_the_update_it_was_cast_in():
     config = TrainConfig(seed=0, epochs=1)
     model = RankModel(module, optimizer, criterion, TensorExamples(X, y), config)
     state, records = TrainState(120), []
-    offset, not_run = run_updates(
+    offset, not_run, votes = run_updates(
         model,
         GeoDamp(initial=10, delay=100),
         state,
@@ -187,8 +187,9 @@ def test_a_stop_vote_ends_the_run_after_the_update_it_was_cast_in():
         0,
         Reducer(),
         records.append,
-        stop_vote=lambda: state.model_updates == 2,  # cast in the third update
+        stop_vote=lambda: 2 if state.model_updates == 2 else 0,  # cast in the third update
     )
     assert len(records) == 3 and state.model_updates == 3
     assert offset == 30
     assert not_run is not None and not_run.batch_size == 10
+    assert votes == 2  # the code cast, for the caller to act on

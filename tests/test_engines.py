@@ -24,7 +24,8 @@ from estimator_helpers import (
     wait_until_workers_hold_model,
     weights,
 )
-from skorch.callbacks import Callback
+from skorch.callbacks import Callback, LRScheduler
+from torch.optim.lr_scheduler import StepLR
 
 from adadamp import ConvergenceError
 from adadamp.dampers import AdaDamp, GeoDamp, RadaDamp
@@ -389,6 +390,55 @@ def test_process_groups_live_across_epochs_at_one_worker_count(dask_client):
     (first,) = tokens[0] - {None}
     assert all(epoch - {None} == {first} for epoch in tokens), tokens
     assert [r for epoch in est.history_ for r in epoch["rescales"]] == []
+
+
+class HalveFirstLayer(Callback):
+    """After the third epoch, halves the first layer's weights: a change no rank can foresee."""
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == 3:
+            with torch.no_grad():
+                next(net.module_.parameters()).mul_(0.5)
+
+
+def _epoch_end_changes_fit(backend: str, client=None) -> DaskClassifier:
+    X, y = digits(EQ_N)
+    torch.manual_seed(0)
+    workers = {} if backend == "local" else {"min_workers": 2, "max_workers": 2}
+    est = DaskClassifier(
+        MLP(features=64, hidden=16, out=10),
+        batch_size=EQ_BATCH,
+        max_epochs=4,
+        lr=0.1,
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        train_split=None,
+        backend=backend,
+        client=client,
+        random_state=7,
+        verbose=0,
+        # The rate changes after the second epoch, the weights after the
+        # third; nothing changes after the first.
+        callbacks=[
+            ("step", LRScheduler(StepLR, step_size=2, gamma=0.5)),
+            ("halve", HalveFirstLayer()),
+        ],
+        **workers,
+    )
+    return est.fit(X, y)
+
+
+@pytest.mark.parametrize("backend", DASK_BACKENDS)
+def test_changes_made_at_an_epoch_end_apply_from_the_next_update(dask_client, backend):
+    # The decentralized ranks run ahead into the next epoch while the client
+    # runs its callbacks: a change must still apply from that epoch's first update.
+    local = _epoch_end_changes_fit("local")
+    est = _epoch_end_changes_fit(backend, dask_client)
+    assert updates(est, "workers") == [2] * len(updates(local, "workers"))
+    assert updates(est, "lr") == pytest.approx(updates(local, "lr"), rel=1e-6)
+    assert sorted(set(updates(est, "lr"))) == pytest.approx([0.05, 0.1])
+    assert updates(est, "train_loss") == pytest.approx(updates(local, "train_loss"), rel=1e-5)
+    assert_weights_close(weights(est), weights(local), rtol=1e-5)
 
 
 class RequestedWorkers(Callback):

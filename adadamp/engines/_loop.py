@@ -154,20 +154,22 @@ def run_updates(
     reducer: Reducer,
     on_update: OnUpdate,
     keep_going: Callable[[UpdatePlan], bool] | None = None,
-    stop_vote: Callable[[], bool] | None = None,
-) -> tuple[int, UpdatePlan | None]:
+    stop_vote: Callable[[], int] | None = None,
+) -> tuple[int, UpdatePlan | None, int]:
     """Run updates from ``offset`` of the epoch's ``order`` until the epoch ends.
 
     Every rank calls this with the same damper, state and order, and advances
     them identically. ``keep_going``, asked before each update, may stop the
     run early (the decentralized engine stops when the damper wants another
     worker count). ``stop_vote``, asked on each rank before each reduction,
-    stops every rank after the update in which any rank voted: the votes
-    ride in the reduced buffer, so all ranks stop at the same update (the
-    decentralized engine stops a segment so that workers that became ready
-    join it). Returns the offset reached and the plan that was not run
-    (None when the epoch ended). Learning rates set per update are restored
-    on return, so that skorch callbacks that schedule the base rate keep working.
+    returns a code, 0 for none; any other stops every rank after the update
+    in which it was cast: the codes ride in the reduced buffer, so all ranks
+    stop at the same update and see the same sum of codes (the decentralized
+    engine's rank 0 votes when the client asked for a stop or sent its
+    word). Returns the offset reached, the plan that was not run (None when
+    the epoch ended) and the summed codes of the vote that stopped the run
+    (0 if none did). Learning rates set per update are restored on return,
+    so that skorch callbacks that schedule the base rate keep working.
     """
     module, optimizer, config = model.module, model.optimizer, model.config
     # Gradients live as views of one flat buffer, so backward writes straight
@@ -179,7 +181,7 @@ def run_updates(
     dtype = params[0].dtype if params else torch.float32
     flat = torch.zeros(sum(sizes) + EXTRA_SLOTS, dtype=dtype, device=model.examples.device)
     grads = flat[:-EXTRA_SLOTS]
-    stop_agreed = False
+    votes = 0.0
     needs_stats = config.needs_grad_stats(damper)
     for p, view in zip(params, torch.split(grads, sizes)):
         p.grad = view.view_as(p)
@@ -192,12 +194,12 @@ def run_updates(
             if damper.needs_loss and damper.loss_due(state):
                 state.train_loss = training_loss(model, damper, state, reducer)
             plan = next_update(damper, state, config.max_batch_size, offset, config.lr_scaling)
-            if stop_agreed or (keep_going is not None and not keep_going(plan)):
-                return offset, plan
+            if votes or (keep_going is not None and not keep_going(plan)):
+                return offset, plan, round(votes)
             lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
             flat.zero_()
-            if stop_vote is not None and stop_vote():
-                flat[VOTE] = 1
+            if stop_vote is not None:
+                flat[VOTE] = stop_vote()
             if hi > lo:
                 # The next update's slice, if its batch size is this one's: a guess
                 # that the examples may use to load ahead (a wrong one is dropped).
@@ -214,7 +216,7 @@ def run_updates(
                 if norms is not None:
                     flat[PIECE_SQ], flat[PIECES] = norms.result()
             reducer.all_reduce(flat)
-            stop_agreed = bool(flat[VOTE] > 0)
+            votes = float(flat[VOTE])
             loss, lr, stats = step(
                 model,
                 plan,
@@ -241,7 +243,7 @@ def run_updates(
                     stats,
                 )
             )
-        return offset, None
+        return offset, None, 0
     finally:
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base

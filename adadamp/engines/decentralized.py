@@ -8,15 +8,18 @@ gradient statistics riding in the same buffer), and every rank takes the
 same optimizer step. Since all ranks see identical reduced statistics, their
 dampers agree on every batch size without asking the client.
 
-Each rank runs one task per epoch, and the process group, module, optimizer
-and damper live on in the worker between them, as long as the group's
-membership stays. The epoch's end is one short hand-off: rank 0's task
-returns the epoch's records and state, the client runs validation,
-callbacks and checkpoints on it, and the next epoch's tasks carry only the
-optimizer settings (a skorch callback may have changed the learning rate)
-and, if a callback changed them, the weights. When the damper's batch size
+Each rank runs one task per segment, and its process group, module,
+optimizer and damper live in it across epochs. An epoch's end does not stop
+the ranks: rank 0 posts the epoch's records and state outside Dask's task
+machinery (:mod:`._mailbox`), and the ranks run ahead into the next epoch
+while the client runs validation, callbacks and checkpoints on that state.
+The client's word on the next epoch carries the optimizer settings (a
+skorch callback may have changed the learning rate) and, if a callback
+changed them, the weights; when it changes nothing the ranks' head start
+stands, otherwise they restore the epoch's start and run it again with the
+change (see :func:`run_segment`). When the damper's batch size
 calls for another worker count (see :class:`~adadamp.scaling.WorkerCountRule`),
-or a worker is lost, rank 0 returns the state at that update, and a new
+or a worker is lost, rank 0 posts the state at that update, and a new
 group starts from it on the new workers. A group starts on the workers
 that already hold the fit's model (:mod:`._warm`); while it is short of
 workers, the client asks rank 0 to stop it as soon as more are
@@ -31,21 +34,21 @@ import copy
 import datetime
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from distributed import wait
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule, available_workers
-from ..schedule import epoch_permutation
+from ..schedule import UpdatePlan, epoch_permutation
 from ..state import TrainState
-from . import _worker
+from . import _mailbox, _worker
 from ._dask import DaskEngine
 from ._loop import Reducer, run_updates
 from .base import OnUpdate, UpdateRecord
@@ -82,6 +85,8 @@ class SegmentStart:
     """Whether the worker count follows the damper at once (a planned schedule)."""
     rendezvous: tuple[str, int]
     """Host and port of rank 0's store (unused with one rank)."""
+    last_epoch: int | None = None
+    """The fit's last planned epoch: the ranks do not run ahead past it."""
 
 
 @dataclass
@@ -98,8 +103,9 @@ class GoOn:
 
 @dataclass
 class Handoff:
-    """What rank 0 returns at the end of an epoch, or where its segment stops."""
+    """What rank 0 posts at the end of an epoch, or where its segment stops."""
 
+    epoch: int
     offset: int
     records: list[UpdateRecord]
     module_state: dict
@@ -123,7 +129,7 @@ class GroupReducer(Reducer):
 
 @dataclass
 class RankSegment:
-    """What a rank keeps between the epochs of its segment."""
+    """What a rank's task keeps across the epochs of its segment."""
 
     token: str
     reducer: GroupReducer
@@ -132,9 +138,11 @@ class RankSegment:
     rule: WorkerCountRule
     listener: socket.socket | None = None
     """Rank 0's store socket, open while the group lives."""
+    records: list[UpdateRecord] = field(default_factory=list)
+    """Rank 0: the updates of the epoch so far."""
 
 
-# fit id -> this worker's running segment of that fit (one at a time).
+# fit id -> this worker's running segment of that fit (one at a time; for tests to see).
 _SEGMENTS: dict[str, RankSegment] = {}
 # Tokens of segments the client asked to stop (set on rank 0's worker by request_stop).
 _STOP_REQUESTS: set[str] = set()
@@ -178,7 +186,6 @@ def _join(
     model: _worker.WorkerModel, fit_id: str, start: SegmentStart, rank: int, world: int
 ) -> RankSegment:
     _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    _SEGMENTS.pop(fit_id, None)  # a segment this worker was in before has ended
     group, listener = (
         _process_group(start, rank, world, model.config.device) if world > 1 else (None, None)
     )
@@ -195,52 +202,209 @@ def _join(
     return segment
 
 
-def run_epoch_part(
-    payload: _worker.PayloadRef, order: SegmentStart | GoOn, rank: int, world: int
-) -> Handoff | None:
-    """Run this rank's updates until the epoch ends or the worker count must change.
+# What rank 0 votes to stop a run of updates for (summed over the ranks: only rank 0 votes).
+_STOP_ASKED = 1  # the client asked for a stop (more workers are ready)
+_WORD_CAME = 2  # the client's word on the epoch the ranks run ahead into has arrived
 
-    ``order`` starts a segment (a new group, the state to start from) or
-    continues the running one into its next epoch.
+
+@dataclass
+class EpochStart:
+    """A rank's copy of its state where an epoch began.
+
+    The ranks run ahead into an epoch while the client does its epoch-end
+    work; if the client's word then changes anything, every rank goes back
+    to this copy and runs the epoch again with the change.
+    """
+
+    module_state: dict
+    optimizer_state: dict
+    damper: BaseDamper
+    state: TrainState
+    rule: WorkerCountRule
+
+    @classmethod
+    def of(cls, model: _worker.WorkerModel, segment: RankSegment) -> EpochStart:
+        module_state, optimizer_state = _worker.export_state(model)
+        return cls(
+            module_state,
+            optimizer_state,
+            copy.deepcopy(segment.damper),
+            copy.deepcopy(segment.state),
+            copy.deepcopy(segment.rule),
+        )
+
+    def restore(self, model: _worker.WorkerModel, segment: RankSegment) -> None:
+        model.module.load_state_dict(self.module_state)
+        model.optimizer.load_state_dict(self.optimizer_state)
+        segment.damper = copy.deepcopy(self.damper)
+        segment.state = copy.deepcopy(self.state)
+        segment.rule = copy.deepcopy(self.rule)
+        segment.records = []
+
+
+def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int) -> None:
+    """Run this rank's part of a segment: its epochs, until the worker count must change.
+
+    One task per rank for the whole segment. At each epoch's end rank 0
+    posts the epoch's :class:`Handoff` to the client (:mod:`._mailbox`), and
+    the ranks run ahead into the next epoch without waiting for the client's
+    word on it (:class:`GoOn`, or None to end). When the word arrives, rank
+    0 votes, so every rank reads it after the same update: if it changes
+    nothing (no callback touched the learning rate or the weights), the
+    epoch goes on; otherwise every rank restores the epoch's start
+    (:class:`EpochStart`) and runs it again with the change. When the damper
+    wants another worker count, or the client asked for a stop, rank 0 posts
+    the state at that update and the segment ends.
     """
     model = _worker.worker_model(payload)
+    fit_id = payload.fit_id
+    segment = _join(model, fit_id, start, rank, world)
+    token, given_up = segment.token, _released_check(fit_id)
+    epoch, offset = start.epoch, start.offset
+    ahead: EpochStart | None = None  # set while the client's word on this epoch is awaited
+
+    def vote() -> int:
+        code = _STOP_ASKED if token in _STOP_REQUESTS else 0
+        if ahead is not None and (_mailbox.has_word(token) or given_up()):
+            code |= _WORD_CAME
+        return code
+
+    try:
+        while True:
+            offset, not_run, votes = _run_part(
+                model, segment, epoch, offset, vote if rank == 0 else None
+            )
+            if ahead is not None:
+                # Whatever stopped this part, the epoch stands only if the word says so.
+                word, redone = _settle(model, segment, ahead, given_up)
+                if word is None:
+                    return
+                ahead = None
+                if redone:
+                    epoch, offset = word.epoch, 0
+                    continue
+            if not_run is None:  # the epoch ended: hand it off and run ahead
+                ahead = EpochStart.of(model, segment)
+                if rank == 0:
+                    _mailbox.post(token, _handoff(epoch, offset, segment, ahead))
+                epoch, offset = epoch + 1, 0
+                if start.last_epoch is not None and epoch > start.last_epoch:
+                    # The fit plans no more epochs: wait for the word rather
+                    # than read and compute an epoch that will not be used.
+                    word, _ = _settle(model, segment, ahead, given_up)
+                    if word is None:
+                        return
+                    epoch, ahead = word.epoch, None
+            elif votes != _WORD_CAME:  # another worker count is wanted, or a stop asked
+                if rank == 0:
+                    wanted = model.config.workers_for(not_run.full_batch_size)
+                    here = EpochStart.of(model, segment)
+                    _mailbox.post(token, _handoff(epoch, offset, segment, here, wanted))
+                return
+    finally:
+        if _SEGMENTS.get(fit_id) is segment:
+            del _SEGMENTS[fit_id]
+        _STOP_REQUESTS.discard(token)
+
+
+def _settle(
+    model: _worker.WorkerModel,
+    segment: RankSegment,
+    ahead: EpochStart,
+    given_up: Callable[[], bool],
+) -> tuple[GoOn | None, bool]:
+    """Wait for the client's word on the epoch that began at ``ahead``.
+
+    Returns the word (None: the segment ends) and whether it changed
+    anything, in which case the rank is back at ``ahead`` with the change applied.
+    """
+    word = _mailbox.wait_word(segment.token, given_up)
+    if word is None or not _changes(model, word):
+        return word, False
+    ahead.restore(model, segment)
+    _apply(model, word)
+    return word, True
+
+
+def _handoff(
+    epoch: int, offset: int, segment: RankSegment, at: EpochStart, wanted: int | None = None
+) -> Handoff:
+    """Rank 0's hand-off of the updates so far, with the state ``at`` their end."""
+    records, segment.records = segment.records, []
+    return Handoff(
+        epoch, offset, records, at.module_state, at.optimizer_state, at.damper, at.state, wanted
+    )
+
+
+def _changes(model: _worker.WorkerModel, word: GoOn) -> bool:
+    """Whether the client's word changes the weights or any optimizer setting."""
+    if word.module_state is not None:
+        return True
+    now = _hyperparameters(model.optimizer)
+    return len(now) != len(word.hyperparameters) or any(
+        not _same_settings(a, b) for a, b in zip(now, word.hyperparameters)
+    )
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+            if not torch.equal(torch.as_tensor(value), torch.as_tensor(other)):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def _apply(model: _worker.WorkerModel, word: GoOn) -> None:
+    for group, settings in zip(model.optimizer.param_groups, word.hyperparameters):
+        group.update(settings)
+    if word.module_state is not None:
+        model.module.load_state_dict(word.module_state)
+
+
+def _run_part(
+    model: _worker.WorkerModel,
+    segment: RankSegment,
+    epoch: int,
+    offset: int,
+    vote: Callable[[], int] | None,
+) -> tuple[int, UpdatePlan | None, int]:
+    """Run updates of ``epoch`` from ``offset``: :func:`~._loop.run_updates` on this rank.
+
+    It stops at the epoch's end, when the worker count must change, or when rank 0 votes.
+    """
     config = model.config
-    if isinstance(order, SegmentStart):
-        segment = _join(model, payload.fit_id, order, rank, world)
-        epoch, offset = order.epoch, order.offset
-    else:
-        segment = _SEGMENTS[payload.fit_id]
-        if segment.token != order.token:
-            raise RuntimeError(f"segment {order.token} is not running on this worker")
-        for group, settings in zip(model.optimizer.param_groups, order.hyperparameters):
-            group.update(settings)
-        if order.module_state is not None:
-            model.module.load_state_dict(order.module_state)
-        epoch, offset = order.epoch, 0
     permutation = epoch_permutation(config.seed, epoch, len(model.examples))
     set_epoch(model.examples, epoch)
-    records: list[UpdateRecord] = []
-    offset, stopped_at = run_updates(
+    return run_updates(
         model,
         segment.damper,
         segment.state,
         torch.from_numpy(permutation).to(model.examples.device),
         offset,
         segment.reducer,
-        records.append if rank == 0 else (lambda record: None),
+        segment.records.append if segment.reducer.rank == 0 else (lambda record: None),
         keep_going=lambda plan: not segment.rule.changes(config.workers_for(plan.full_batch_size)),
-        stop_vote=(lambda: segment.token in _STOP_REQUESTS) if rank == 0 else None,
+        stop_vote=vote,
     )
-    wanted = None if stopped_at is None else config.workers_for(stopped_at.full_batch_size)
-    if wanted is not None:
-        _SEGMENTS.pop(payload.fit_id, None)
-        _STOP_REQUESTS.discard(segment.token)
-    if rank != 0:
-        return None
-    module_state, optimizer_state = _worker.export_state(model)
-    return Handoff(
-        offset, records, module_state, optimizer_state, segment.damper, segment.state, wanted
-    )
+
+
+def _released_check(fit_id: str) -> Callable[[], bool]:
+    """Whether the fit was released, or this task is no longer wanted (its client went away)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+
+    def given_up() -> bool:
+        task = worker.state.tasks.get(key)
+        return fit_id in _worker._RELEASED or task is None or task.state == "cancelled"
+
+    return given_up
 
 
 def warm_rank(ref: _worker.PayloadRef) -> None:
@@ -253,11 +417,11 @@ def warm_rank(ref: _worker.PayloadRef) -> None:
 
 
 async def release_segment(fit_id: str) -> None:
-    """Forget this worker's segment of a fit (its group goes with it).
+    """Forget this worker's hand-offs and stop requests of a fit.
 
     A coroutine, so that ``client.run`` need not wait for a busy worker.
     """
-    _SEGMENTS.pop(fit_id, None)
+    _mailbox.forget(fit_id)
     _STOP_REQUESTS.difference_update({t for t in _STOP_REQUESTS if t.startswith(fit_id)})
 
 
@@ -265,16 +429,26 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
+@dataclass
+class _Running:
+    """The client's view of the segment that runs."""
+
+    token: str
+    workers: list[str]
+    target: int
+    futures: list
+    """The ranks' tasks, then the held start state."""
+
+
 class DecentralizedEngine(DaskEngine):
-    """All-reduce among Dask workers; per epoch one task per worker, groups that persist."""
+    """All-reduce among Dask workers; one task per rank and segment, groups that persist."""
 
     name = "decentralized"
     warm_up = staticmethod(warm_rank)
 
     def __init__(self) -> None:
         super().__init__()
-        # (token, workers, target count) of the running segment
-        self._running: tuple[str, list[str], int] | None = None
+        self._running: _Running | None = None
         self._held: dict | None = None  # the weights the client last adopted
 
     def start(self, *args, **kwargs) -> None:
@@ -290,35 +464,42 @@ class DecentralizedEngine(DaskEngine):
         if self._running is not None and self._more_ready():
             # The segment runs on fewer workers than it wants, and more are
             # ready now: start over on them.
-            target = self._running[2]
-            self.note_rescale(state.model_updates, len(self._running[1]), target)
-            self._running = None
-        while True:
-            if self._running is None:
-                if target is None:
-                    target = self.guess_workers(damper, state, offset)
-                order: SegmentStart | GoOn = self._segment_start(
-                    epoch,
-                    offset,
-                    target,
-                    module_state,
-                    optimizer_state,
-                    damper,
-                    state,
-                    token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
-                )
-            else:
-                order = GoOn(
-                    self._running[0],
+            target = self._running.target
+            self.note_rescale(state.model_updates, len(self._running.workers), target)
+            self._end_segment()
+        if self._running is not None:
+            self._deliver(
+                GoOn(
+                    self._running.token,
                     epoch,
                     _hyperparameters(self.optimizer),
                     self._changed_weights(module_state),
                 )
+            )
+        while True:
+            if self._running is None:
+                if target is None:
+                    target = self.guess_workers(damper, state, offset)
+                self._start_segment(
+                    SegmentStart(
+                        epoch,
+                        offset,
+                        target,
+                        module_state,
+                        optimizer_state,
+                        damper,
+                        state,
+                        token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
+                        immediate=not damper.adaptive,
+                        rendezvous=("", 0),
+                        last_epoch=self._last_epoch(epoch),
+                    )
+                )
             try:
-                handoff = self._run_part(order)
+                handoff = self._await_handoff(epoch)
             except _LostWorkers as lost:
                 restarts += 1
-                self._running = None
+                self._end_segment()
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(
                         f"Dask workers kept failing during epoch {epoch} ({restarts} restarts); "
@@ -331,7 +512,7 @@ class DecentralizedEngine(DaskEngine):
                 self.scaler.reset()
                 continue
             except BaseException:
-                self._running = None
+                self._end_segment()
                 raise
             for record in handoff.records:
                 on_update(record)
@@ -344,12 +525,21 @@ class DecentralizedEngine(DaskEngine):
             if handoff.wanted_workers is None:
                 break
             assert self._running is not None
-            self.note_rescale(state.model_updates, len(self._running[1]), handoff.wanted_workers)
-            self._running, target = None, handoff.wanted_workers
+            self.note_rescale(
+                state.model_updates, len(self._running.workers), handoff.wanted_workers
+            )
+            self._end_segment(ended_itself=True)
+            target = handoff.wanted_workers
             self.plan_ahead(damper, state, offset)
         self.adopt_state(module_state, optimizer_state)
         self._held = module_state
         self.epochs_run += 1
+
+    def _last_epoch(self, epoch: int) -> int | None:
+        """The index of the fit's last planned epoch, seen from epoch ``epoch``."""
+        if self.config.epochs is None:
+            return None
+        return epoch - self.epochs_run + self.config.epochs - 1
 
     def _changed_weights(self, module_state: dict) -> dict | None:
         """The client's weights if a callback changed them since the last epoch, else None."""
@@ -362,39 +552,34 @@ class DecentralizedEngine(DaskEngine):
             return None
         return module_state
 
-    def _segment_start(
-        self,
-        epoch: int,
-        offset: int,
-        target: int,
-        module_state: dict,
-        optimizer_state: dict,
-        damper: BaseDamper,
-        state: TrainState,
-        token: str,
-    ) -> SegmentStart:
-        workers = self._segment_workers(target)
+    def _start_segment(self, start: SegmentStart) -> None:
+        """Start a new segment's ranks on the workers it gets (:meth:`_segment_workers`)."""
+        workers = self._segment_workers(start.target_workers)
         if not workers:
             raise RuntimeError("The Dask cluster has no workers left to train on.")
         self.settle_rescale(len(workers))
-        rendezvous = ("", 0)
         if len(workers) > 1:
-            rendezvous = self.client.submit(
-                _worker.open_rendezvous, token, workers=[workers[0]], pure=False
+            start.rendezvous = self.client.submit(
+                _worker.open_rendezvous, start.token, workers=[workers[0]], pure=False
             ).result()
-        self._running = (token, workers, target)
-        return SegmentStart(
-            epoch,
-            offset,
-            target,
-            module_state,
-            optimizer_state,
-            damper,
-            state,
-            token,
-            immediate=not damper.adaptive,
-            rendezvous=rendezvous,
-        )
+        payload = self.ensure_payload()
+        # A segment's starting state goes to the cluster once; ranks fetch it from there.
+        held = self.hold(start)
+        futures = [
+            self.client.submit(
+                run_segment,
+                payload,
+                held,
+                rank,
+                len(workers),
+                workers=[address],
+                allow_other_workers=False,
+                pure=False,
+                key=f"adadamp-segment-{start.token}-{rank}",
+            )
+            for rank, address in enumerate(workers)
+        ]
+        self._running = _Running(start.token, workers, start.target_workers, [*futures, held])
 
     def _segment_workers(self, target: int) -> list[str]:
         """The workers of a new segment that wants ``target`` of them.
@@ -402,7 +587,7 @@ class DecentralizedEngine(DaskEngine):
         Training does not wait for workers to start: when fewer than
         ``target`` hold the fit's model, the cluster is asked for ``target``
         and the segment starts on those that do. It runs short until more are
-        ready, and is then stopped and restarted on them (:meth:`_wait_for_ranks`).
+        ready, and is then stopped and restarted on them (:meth:`_await_handoff`).
         Only with no worker ready at all (a cluster without workers yet) is
         the cluster scaled and waited for. Otherwise it is scaled to
         ``target`` (shrunk, as far as it may be) and the ready workers come first.
@@ -419,77 +604,77 @@ class DecentralizedEngine(DaskEngine):
 
     def _more_ready(self) -> bool:
         """Whether the running segment is short of workers and more are ready to join it."""
-        if self._running is None:
+        running = self._running
+        if running is None:
             return False
-        _, workers, target = self._running
-        return len(workers) < target and len(self.ready_workers()) > len(workers)
+        return len(running.workers) < running.target and len(self.ready_workers()) > len(
+            running.workers
+        )
 
-    def _run_part(self, order: SegmentStart | GoOn) -> Handoff:
+    def _deliver(self, word: GoOn | None) -> None:
+        """Give the running segment's ranks the client's word (see :mod:`._mailbox`)."""
         assert self._running is not None
-        token, workers, _ = self._running
-        payload = self.ensure_payload()
-        # A segment's starting state goes to the cluster once; ranks fetch it from there.
-        held = self.hold(order) if isinstance(order, SegmentStart) else order
-        futures = [
-            self.client.submit(
-                run_epoch_part,
-                payload,
-                held,
-                rank,
-                len(workers),
-                workers=[address],
-                allow_other_workers=False,
-                pure=False,
-                key=f"adadamp-part-{token}-{order.epoch}-{rank}",
-            )
-            for rank, address in enumerate(workers)
-        ]
-        try:
-            self._wait_for_ranks(futures, workers)
-            handoff = futures[0].result()
-            assert isinstance(handoff, Handoff)  # rank 0 always hands off
-            return handoff
-        finally:
-            self.client.cancel(futures + ([held] if held is not order else []))
+        self.client.run(
+            _mailbox.deliver,
+            self._running.token,
+            word,
+            workers=self._running.workers,
+            on_error="return",  # a worker gone is noticed while waiting for the ranks
+        )
 
-    def _wait_for_ranks(self, futures, workers: list[str]) -> None:
-        """Wait for all ranks; a failed rank or a vanished worker ends the wait."""
-        pending, misses, stop_asked = list(futures), 0, False
-        while pending:
+    def _end_segment(self, ended_itself: bool = False) -> None:
+        """Stop the running segment's ranks (unless they ended it) and release its tasks."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        if not ended_itself:
+            with contextlib.suppress(Exception):
+                self.client.run(
+                    _mailbox.deliver, running.token, None, workers=running.workers, wait=False
+                )
+        self.client.cancel(running.futures)
+
+    def _await_handoff(self, epoch: int) -> Handoff:
+        """Wait for rank 0's hand-off of ``epoch``; a failed rank or a lost worker ends it."""
+        assert self._running is not None
+        running = self._running
+        rank0 = running.workers[0]
+        misses, stop_asked = 0, False
+        while True:
             try:
-                # distributed.wait waits with the default client; the fit's client
-                # may not be it (an embedded cluster's never is): make it current.
-                with self.client.as_current():
-                    wait(pending, timeout=LIVENESS_POLL_S, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                if not stop_asked and self._more_ready():
-                    # Workers this short segment wants are ready: stop it at
-                    # the next update, to restart on them.
-                    assert self._running is not None
-                    self.client.run(request_stop, self._running[0], workers=[workers[0]])
-                    stop_asked = True
-                # A rank whose worker died is rescheduled nowhere (it is pinned):
-                # notice the worker's absence instead of waiting forever. Two
-                # polls in a row, so one slow answer from a busy scheduler
-                # does not restart a healthy segment.
-                gone = set(workers) - set(available_workers(self.client))
-                misses = misses + 1 if gone else 0
-                if misses >= 2:
-                    raise _LostWorkers(
-                        RuntimeError(f"worker(s) {sorted(gone)} left the cluster")
-                    ) from None
-                continue
-            failed = [f for f in futures if f.status == "error"]
+                got = self.client.run(
+                    _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
+                )[rank0]
+            except Exception:  # rank 0's worker is gone or unreachable: see below
+                got = None
+            if got is not None:
+                assert isinstance(got, Handoff) and got.epoch == epoch
+                return got
+            failed = [f for f in running.futures if f.status == "error"]
             if failed:
                 error = failed[0].exception()
-                gone = set(workers) - set(available_workers(self.client))
+                gone = set(running.workers) - set(available_workers(self.client))
                 if gone or isinstance(error, _LOST_WORKER_ERRORS):
                     raise _LostWorkers(error)
                 raise error
-            pending = [f for f in futures if not f.done()]
+            if not stop_asked and self._more_ready():
+                # Workers this short segment wants are ready: stop it at
+                # the next update, to restart on them.
+                self.client.run(request_stop, running.token, workers=[rank0])
+                stop_asked = True
+            # A rank whose worker died is rescheduled nowhere (it is pinned):
+            # notice the worker's absence instead of waiting forever. Two
+            # polls in a row, so one slow answer from a busy scheduler
+            # does not restart a healthy segment.
+            gone = set(running.workers) - set(available_workers(self.client))
+            misses = misses + 1 if gone else 0
+            if misses >= 2:
+                raise _LostWorkers(RuntimeError(f"worker(s) {sorted(gone)} left the cluster"))
 
     def close(self) -> None:
-        self._running, self._held = None, None
+        with contextlib.suppress(Exception):
+            self._end_segment()
+        self._held = None
         if self.payload_future is not None:
             with contextlib.suppress(Exception):
                 self.run_on_workers(release_segment, self.fit_id)
