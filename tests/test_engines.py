@@ -441,6 +441,48 @@ def test_changes_made_at_an_epoch_end_apply_from_the_next_update(dask_client, ba
     assert_weights_close(weights(est), weights(local), rtol=1e-5)
 
 
+class HalveFirstLayerAtTheStart(Callback):
+    """Halves the first layer's weights as the first epoch begins, after the engine started."""
+
+    def on_epoch_begin(self, net, **kwargs):
+        if len(net.history) == 1:
+            with torch.no_grad():
+                next(net.module_.parameters()).mul_(0.5)
+
+
+def _resumed_fit(backend: str, client=None) -> DaskClassifier:
+    X, y = digits(EQ_N)
+    torch.manual_seed(0)
+    workers = {} if backend == "local" else {"min_workers": 1, "max_workers": 1}
+    est = DaskClassifier(
+        MLP(features=64, hidden=16, out=10),
+        batch_size=EQ_BATCH,
+        lr=0.1,
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        train_split=None,
+        backend=backend,
+        client=client,
+        random_state=7,
+        verbose=0,
+        callbacks=[("halve", HalveFirstLayerAtTheStart())],
+        **workers,
+    )
+    for _ in range(2):
+        est.partial_fit(X, y, epochs=1)
+    return est
+
+
+def test_a_fit_starts_from_the_client_state_its_callbacks_and_optimizer_left(dask_client):
+    # A fit's first segment skips sending state that the workers' models
+    # already hold: not when a callback changed the weights after the
+    # payload left, nor when the optimizer carries momentum from an earlier fit.
+    local = _resumed_fit("local")
+    est = _resumed_fit("decentralized", dask_client)
+    assert updates(est, "train_loss") == pytest.approx(updates(local, "train_loss"), rel=1e-5)
+    assert_weights_close(weights(est), weights(local), rtol=1e-5)
+
+
 class RequestedWorkers(Callback):
     def __init__(self, client, requested: list):
         self.client, self.requested = client, requested

@@ -100,6 +100,9 @@ class DaskEngine(Engine):
     # The task that builds a worker's model ahead of its first task (see
     # ._warm); an engine whose tasks import more names a task of its own module.
     warm_up = staticmethod(_worker.warm)
+    # The coroutine that forgets a finished fit on a worker; an engine that
+    # keeps more there names one of its own.
+    release_fit = staticmethod(_worker.release_soon)
 
     def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
@@ -382,7 +385,7 @@ class DaskEngine(Engine):
         try:
             if self.payload_future is not None:
                 with contextlib.suppress(Exception):
-                    self.run_on_workers(_worker.release_soon, self.fit_id)
+                    self.run_on_workers(self.release_fit, self.fit_id)
                 with contextlib.suppress(Exception):
                     self.client.unpublish_dataset(self.payload_ref.name)
                 self.payload_future.release()

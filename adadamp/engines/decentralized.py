@@ -76,8 +76,9 @@ class SegmentStart:
     epoch: int
     offset: int
     target_workers: int
-    module_state: dict
-    optimizer_state: dict
+    module_state: dict | None
+    """None: the workers' models hold the state the fit's payload built them with."""
+    optimizer_state: dict | None
     damper: BaseDamper
     state: TrainState
     token: str
@@ -185,7 +186,8 @@ def _process_group(
 def _join(
     model: _worker.WorkerModel, fit_id: str, start: SegmentStart, rank: int, world: int
 ) -> RankSegment:
-    _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
+    if start.module_state is not None:
+        _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
     group, listener = (
         _process_group(start, rank, world, model.config.device) if world > 1 else (None, None)
     )
@@ -416,13 +418,14 @@ def warm_rank(ref: _worker.PayloadRef) -> None:
     _worker.warm(ref)
 
 
-async def release_segment(fit_id: str) -> None:
-    """Forget this worker's hand-offs and stop requests of a fit.
+async def release_rank(fit_id: str) -> None:
+    """Forget this worker's model, hand-offs and stop requests of a finished fit.
 
     A coroutine, so that ``client.run`` need not wait for a busy worker.
     """
     _mailbox.forget(fit_id)
     _STOP_REQUESTS.difference_update({t for t in _STOP_REQUESTS if t.startswith(fit_id)})
+    _worker.release(fit_id)
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -445,15 +448,20 @@ class DecentralizedEngine(DaskEngine):
 
     name = "decentralized"
     warm_up = staticmethod(warm_rank)
+    release_fit = staticmethod(release_rank)
 
     def __init__(self) -> None:
         super().__init__()
         self._running: _Running | None = None
         self._held: dict | None = None  # the weights the client last adopted
+        self._first_segment = True
 
     def start(self, *args, **kwargs) -> None:
         self._running, self._held = None, None
+        self._first_segment = True
         super().start(*args, **kwargs)
+        # The weights the workers build their models with.
+        self._held = {k: v.detach() for k, v in self._payload.module.state_dict().items()}
 
     def run_epoch(
         self, epoch: int, damper: BaseDamper, state: TrainState, on_update: OnUpdate
@@ -480,13 +488,23 @@ class DecentralizedEngine(DaskEngine):
             if self._running is None:
                 if target is None:
                     target = self.guess_workers(damper, state, offset)
+                # The first segment of a fit needs no state while the client's
+                # module is still the payload's and its optimizer has no state:
+                # every worker built its model from the payload (a large
+                # model's weights would otherwise travel twice).
+                pristine = (
+                    self._first_segment
+                    and not self.optimizer.state
+                    and self._changed_weights(module_state) is None
+                )
+                self._first_segment = False
                 self._start_segment(
                     SegmentStart(
                         epoch,
                         offset,
                         target,
-                        module_state,
-                        optimizer_state,
+                        None if pristine else module_state,
+                        None if pristine else optimizer_state,
                         damper,
                         state,
                         token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
@@ -675,9 +693,6 @@ class DecentralizedEngine(DaskEngine):
         with contextlib.suppress(Exception):
             self._end_segment()
         self._held = None
-        if self.payload_future is not None:
-            with contextlib.suppress(Exception):
-                self.run_on_workers(release_segment, self.fit_id)
         super().close()
 
 
