@@ -49,6 +49,18 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_worker_limit() -> int:
+    """The most workers an embedded cluster starts: one per core but one.
+
+    The core left over is the client's and the scheduler's: the client runs
+    a fit's epoch-end work (validation, callbacks) and the scheduler routes
+    every message, and a rank that shares its core with them stalls every
+    other rank at the next all-reduce. On a 2-core machine two workers
+    made the decentralized fits of ``adadamp compare`` slower than one.
+    """
+    return max(1, cpu_count() - 1)
+
+
 # One DNS label: letters, digits and inner hyphens (RFC 1123).
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -304,7 +316,7 @@ def cluster_client(
         yield ClusterHandle(current, embedded=False, max_workers=max_workers)
         return
 
-    limit = max_workers if max_workers is not None else cpu_count()
+    limit = max_workers if max_workers is not None else default_worker_limit()
     if device_limit is not None:
         limit = min(limit, device_limit)
     start = min(n_workers_hint or 1, limit, cpu_count())

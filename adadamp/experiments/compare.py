@@ -490,7 +490,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-workers",
         type=positive_int,
         default=None,
-        help="most Dask workers of a Dask backend (default: the CPU cores)",
+        help="most Dask workers of a Dask backend (default: one per CPU core but one, at least 1)",
     )
     from ..simulate import NETWORKS
 

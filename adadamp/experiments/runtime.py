@@ -103,13 +103,14 @@ def worker_limit(backend: str, max_workers: int | None) -> int | None:
     The schedules ask for up to ``final batch / initial batch`` workers (90
     for Inc. BS on the digits); on a machine's own cluster more worker
     processes than cores only compete for them, so a Dask backend is capped
-    at the cores unless ``max_workers`` says otherwise.
+    as an embedded cluster is (:func:`~adadamp.cluster.default_worker_limit`)
+    unless ``max_workers`` says otherwise.
     """
     if max_workers is not None or backend == "local":
         return max_workers
-    from ..cluster import cpu_count
+    from ..cluster import default_worker_limit
 
-    return cpu_count()
+    return default_worker_limit()
 
 
 # What the tasks of an experiment's fits import on a worker.
@@ -118,6 +119,17 @@ WORKER_IMPORTS = (
     "adadamp.engines.centralized",
     "adadamp.experiments.models",
 )
+
+
+def build_an_optimizer() -> None:
+    """Build one throw-away optimizer: a process's first costs about a second.
+
+    (torch imports its compiler stack the first time an optimizer is built.)
+    Left to the first fit, that second would count in that run's wall-clock only.
+    """
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 @contextlib.contextmanager
@@ -137,10 +149,12 @@ def dask_client(backend: str, max_workers: int | None = None) -> Iterator[Any]:
     # cluster's start is the experiment's, not a schedule's.
     with cluster_client(None, n_workers_hint=limit, max_workers=limit) as handle:
         # Each worker imports what the runs' tasks use (torch, the engines, the
-        # experiment's models) now: that too is the cluster's start.
+        # experiment's models) and builds its first optimizer now: that too is
+        # the cluster's start.
         # (LocalCluster returns once its workers have started.)
         for module in WORKER_IMPORTS:
             handle.client.run(importlib.import_module, module)
+        handle.client.run(build_an_optimizer)
         # Current for the experiment, so that Dask calls that look up the
         # client themselves (distributed.wait, futures) find this one.
         with handle.client.as_current():

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-workers",
         type=positive_int,
         default=None,
-        help="most Dask workers (default: the CPU cores)",
+        help="most Dask workers (default: one per CPU core but one, at least 1)",
     )
 
 
