@@ -84,16 +84,21 @@ def raw_estimates(
     return {"gns_grad_sq": batch_sq_norm - trace / batch_size, "gns_trace": trace}
 
 
-def smoothed(previous: Mapping[str, float], raw: Mapping[str, float]) -> dict[str, float]:
+def smoothed(
+    previous: Mapping[str, float], raw: Mapping[str, float], span: int = 1
+) -> dict[str, float]:
     """Fold one update's ``raw`` statistics into the averages of ``previous``.
 
     ``previous`` is the last update's ``grad_stats`` (empty at the start); the
     result carries ``raw``, the averages' state and the smoothed estimates
-    ``gns_grad_sq_avg``, ``gns_trace_avg`` and ``gns_b_simple``. An update
-    without estimates (or with a non-finite one) leaves the averages as they
-    were. ``B_simple`` is formed only while the averaged ``|G|^2`` is
-    positive (otherwise the previous one is kept); a negative averaged trace
-    gives 0.
+    ``gns_grad_sq_avg``, ``gns_trace_avg`` and ``gns_b_simple``. ``span``:
+    how many updates the estimates stand for (a lone rank estimates on every
+    few updates only, see :data:`adadamp.engines._step.SPLIT_EVERY`); the
+    past then weighs ``EMA_BETA ** span``, so the averages cover as many
+    updates however often they are fed. An update without estimates (or
+    with a non-finite one) leaves the averages as they were. ``B_simple`` is
+    formed only while the averaged ``|G|^2`` is positive (otherwise the
+    previous one is kept); a negative averaged trace gives 0.
     """
     out = dict(raw)
     state = {
@@ -103,11 +108,12 @@ def smoothed(previous: Mapping[str, float], raw: Mapping[str, float]) -> dict[st
     if g is not None and s is not None and math.isfinite(g) and math.isfinite(s):
         m_g, m_s = state.get("gns_m_grad_sq", 0.0), state.get("gns_m_trace", 0.0)
         weight = state.get("gns_weight", 0.0)
+        beta = EMA_BETA**span
         state = {
-            "gns_m_grad_sq": EMA_BETA * m_g + (1 - EMA_BETA) * g,
-            "gns_m_trace": EMA_BETA * m_s + (1 - EMA_BETA) * s,
+            "gns_m_grad_sq": beta * m_g + (1 - beta) * g,
+            "gns_m_trace": beta * m_s + (1 - beta) * s,
             # 1 - beta^t: dividing by it removes the averages' pull towards 0.
-            "gns_weight": EMA_BETA * weight + (1 - EMA_BETA),
+            "gns_weight": beta * weight + (1 - beta),
         }
     out.update(state)
     if state.get("gns_weight", 0.0) > 0:

@@ -12,6 +12,7 @@ from torch import nn
 
 from adadamp import gns
 from adadamp.dampers import DAMPERS, Constant, GeoDamp, GNSDamp, NormTestDamp
+from adadamp.engines._step import SPLIT_EVERY
 from adadamp.estimators import DaskClassifier, DaskRegressor
 from adadamp.schedule import next_update
 from adadamp.state import TrainState
@@ -128,7 +129,7 @@ def test_smoothing_is_bias_corrected_and_guarded():
 P_N, P_BATCH = 240, 60
 
 
-def _digits_fit(backend, *, micro=None, client=None, workers=1):
+def _digits_fit(backend, *, micro=None, client=None, workers=1, epochs=2):
     X, y = digits(P_N)
     torch.manual_seed(0)
     est = DaskClassifier(
@@ -136,7 +137,7 @@ def _digits_fit(backend, *, micro=None, client=None, workers=1):
         batch_size=GNSDamp(initial=P_BATCH, dwell=10**9),
         optimizer=torch.optim.SGD,
         lr=0.1,
-        max_epochs=2,
+        max_epochs=epochs,
         train_split=None,
         worker_max_batch_size=micro,
         grads_per_worker=P_BATCH,
@@ -155,12 +156,43 @@ STAT_KEYS = ("gns_grad_sq", "gns_trace", "gns_b_simple")
 
 def _assert_same_stats(est, reference):
     for key in STAT_KEYS:
-        assert updates(est, key) == pytest.approx(updates(reference, key), rel=1e-4, abs=1e-7)
+        mine, theirs = _raw_per_update(est, key), _raw_per_update(reference, key)
+        assert [m is None for m in mine] == [t is None for t in theirs]
+        mine, theirs = [m for m in mine if m is not None], [t for t in theirs if t is not None]
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-7)
 
 
-def test_one_rank_splits_its_batch_in_two():
-    # Without micro-batches a lone rank computes two halves: as micro-batches of 30.
-    _assert_same_stats(_digits_fit("local"), _digits_fit("local", micro=P_BATCH // 2))
+def _raw_per_update(est, key: str) -> list:
+    return [batch.get(key) for epoch in est.history_ for batch in epoch["batches"]]
+
+
+def test_one_rank_splits_its_batch_in_two_on_every_tenth_update():
+    # Without micro-batches a lone rank computes two halves, as micro-batches
+    # of 30 would, on updates 1, 11, 21, ... only: a split costs a backward pass.
+    alone = _digits_fit("local", epochs=6)
+    halves = _digits_fit("local", micro=P_BATCH // 2, epochs=6)
+    n = len(updates(alone, "train_loss"))
+    due = [u % SPLIT_EVERY == 1 for u in range(1, n + 1)]
+    assert SPLIT_EVERY > 1 and sum(due) == 3
+    for key in ("gns_grad_sq", "gns_trace"):
+        mine, theirs = _raw_per_update(alone, key), _raw_per_update(halves, key)
+        assert [m is not None for m in mine] == due
+        measured = [(m, t) for m, t, d in zip(mine, theirs, due) if d]
+        assert [m for m, _ in measured] == pytest.approx([t for _, t in measured], rel=1e-4)
+    # Every update has the squared norm of its mean gradient, and a noise scale.
+    assert None not in _raw_per_update(alone, "grad_sq_norm")
+    assert None not in _raw_per_update(alone, "gns_b_simple")
+
+
+def test_an_estimate_that_stands_for_several_updates_weighs_as_much():
+    raw = {"gns_grad_sq": 2.0, "gns_trace": 10.0}
+    start = gns.smoothed({}, {"gns_grad_sq": 1.0, "gns_trace": 30.0})
+    once = gns.smoothed(start, raw, span=10)
+    repeated = start
+    for _ in range(10):
+        repeated = gns.smoothed(repeated, raw)
+    for key in ("gns_m_grad_sq", "gns_m_trace", "gns_weight", "gns_b_simple"):
+        assert once[key] == pytest.approx(repeated[key], rel=1e-12)
 
 
 # Worker counts ascend so that the shared cluster only grows.
@@ -178,7 +210,8 @@ def test_workers_estimate_as_micro_batches_do(dask_client, workers, backend):
     # The workers are there before the fit: a fit does not wait for one to start.
     dask_client.cluster.scale(workers)
     dask_client.wait_for_workers(workers)
-    reference = _digits_fit("local", micro=P_BATCH // max(workers, 2))
+    # One worker is a lone rank, as the local engine without micro-batches is.
+    reference = _digits_fit("local", micro=P_BATCH // workers if workers > 1 else None)
     est = _digits_fit(backend, client=dask_client, workers=workers)
     assert updates(est, "workers") == [workers] * len(updates(reference, "workers"))
     _assert_same_stats(est, reference)

@@ -197,6 +197,12 @@ def run_updates(
             if votes or (keep_going is not None and not keep_going(plan)):
                 return offset, plan, round(votes)
             lo, hi = _step.split_slices(plan.batch_size, reducer.world)[reducer.rank]
+            span = 0
+            if needs_stats:
+                micro = config.worker_max_batch_size
+                span = _step.stats_span(
+                    micro, plan.batch_size, reducer.world == 1, state.model_updates + 1
+                )
             flat.zero_()
             if stop_vote is not None:
                 flat[VOTE] = stop_vote()
@@ -205,7 +211,7 @@ def run_updates(
                 # that the examples may use to load ahead (a wrong one is dropped).
                 ahead = offset + plan.batch_size
                 upcoming = order[ahead + lo : ahead + hi] if ahead + hi <= n else None
-                norms = _step.PieceNorms(lambda: [grads]) if needs_stats else None
+                norms = _step.PieceNorms(lambda: [grads]) if span else None
                 flat[LOSS] = rank_gradient(
                     model,
                     order[offset + lo : offset + hi],
@@ -228,7 +234,7 @@ def run_updates(
                 needs_stats,
             )
             if needs_stats:
-                stats = gns.smoothed(state.grad_stats, stats)
+                stats = gns.smoothed(state.grad_stats, stats, max(span, 1))
             advance(state, plan.batch_size, plan.progress)
             state.last_loss, state.grad_stats = loss, stats
             offset += plan.batch_size

@@ -107,15 +107,42 @@ class PieceNorms:
         return float(self.sq_sum), self.count
 
 
-def stats_micro_batch(micro_batch: int | None, n: int, alone: bool) -> int | None:
-    """The micro-batch size of a slice of ``n`` examples when gradient statistics are wanted.
+# A lone rank whose slice is one micro-batch splits it in two to estimate the
+# gradient statistics: a second backward pass over half the examples, 15 to
+# 50% of an update in benchmarks/gns.py. It splits on every this-many-th
+# update only (the moving averages weigh each estimate for as many updates).
+SPLIT_EVERY = 10
+
+
+def splits_for_stats(micro_batch: int | None, n: int, alone: bool) -> bool:
+    """Whether a slice of ``n`` examples has only one piece unless split for the statistics.
 
     The pieces are the small batches the noise scale is estimated from
     (:mod:`adadamp.gns`). A rank that holds the whole batch (``alone``) in
-    one micro-batch would have a single piece, and so no estimate: it then
-    computes its slice in two halves, as two workers would.
+    one micro-batch would have a single piece, and so no estimate.
     """
-    if alone and n > 1 and (micro_batch is None or micro_batch >= n):
+    return alone and n > 1 and (micro_batch is None or micro_batch >= n)
+
+
+def stats_span(micro_batch: int | None, n: int, alone: bool, update: int) -> int:
+    """How many updates the statistics of update number ``update`` (from 1) stand for; 0: none.
+
+    Where the pieces come free (several ranks, or micro-batches) every update
+    estimates, for itself. A lone rank that must split estimates on updates
+    1, 1 + ``SPLIT_EVERY``, ... each standing for ``SPLIT_EVERY`` updates.
+    """
+    if not splits_for_stats(micro_batch, n, alone):
+        return 1
+    return SPLIT_EVERY if update % SPLIT_EVERY == 1 % SPLIT_EVERY else 0
+
+
+def stats_micro_batch(micro_batch: int | None, n: int, alone: bool) -> int | None:
+    """The micro-batch size of a slice of ``n`` examples whose pieces are wanted.
+
+    A slice that :func:`splits_for_stats` is computed in two halves, as two
+    workers would.
+    """
+    if splits_for_stats(micro_batch, n, alone):
         return math.ceil(n / 2)
     return micro_batch
 

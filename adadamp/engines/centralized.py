@@ -66,7 +66,7 @@ def gradient_task(
     payload: _worker.PayloadRef,
     weights: Weights,
     indices: torch.Tensor,
-    needs_stats: bool,
+    with_pieces: bool,
     epoch: int,
     alone: bool = False,
 ) -> tuple[list[torch.Tensor], float, float, int]:
@@ -74,7 +74,7 @@ def gradient_task(
 
     Returns ``(grads, loss sum, sum_i |s_i|^2 / b_i, pieces)``: the last two
     are the per-piece norms of the gradient statistics (zeros without
-    ``needs_stats``), see :class:`~._step.PieceNorms`.
+    ``with_pieces``), see :class:`~._step.PieceNorms`.
     """
     model = _worker.worker_model(payload)
     set_epoch(model.examples, epoch)
@@ -82,7 +82,7 @@ def gradient_task(
     model.module.train()
     model.optimizer.zero_grad(set_to_none=True)
     norms = None
-    if needs_stats and len(indices):
+    if with_pieces and len(indices):
         norms = _step.PieceNorms(lambda: _step.gradient_tensors(model.module))
     loss = rank_gradient(model, indices.to(model.examples.device), norms=norms, alone=alone)
     grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module)]
@@ -154,18 +154,19 @@ class CentralizedEngine(DaskEngine):
         module_state, optimizer_state = self.client_state()
         server = self.hold(ServerState(module_state, optimizer_state, f"{self.fit_id}-{epoch}"))
         weights = client.submit(weights_of, server, pure=False)
-        pending: list[tuple[UpdatePlan, int, object]] = []
+        # (plan, workers, updates its statistics stand for, the update's info)
+        pending: list[tuple[UpdatePlan, int, int, object]] = []
         epoch_began = time.time()
         needs_stats = config.needs_grad_stats(damper)
         last_finished = [epoch_began]
 
         def flush() -> None:
             """Wait for the submitted updates and record them in order."""
-            infos = client.gather([info for _, _, info in pending])
-            for (plan, workers, _), info in zip(pending, infos):
+            infos = client.gather([info for *_, info in pending])
+            for (plan, workers, span, _), info in zip(pending, infos):
                 if needs_stats:
                     # Smoothed here, in update order, as the other engines do in the loop.
-                    info.grad_stats = gns.smoothed(state.grad_stats, info.grad_stats)
+                    info.grad_stats = gns.smoothed(state.grad_stats, info.grad_stats, span)
                     state.grad_stats = info.grad_stats
                 on_update(
                     UpdateRecord(
@@ -200,6 +201,14 @@ class CentralizedEngine(DaskEngine):
                 self.note_resumed(0.0)  # the stall is the scaling itself
             workers = self.scaler.workers()[: self._rule.current]
             batch = order[offset : offset + plan.batch_size]
+            span = 0
+            if needs_stats:
+                span = _step.stats_span(
+                    config.worker_max_batch_size,
+                    plan.batch_size,
+                    len(workers) == 1,
+                    state.model_updates + 1,
+                )
             grads = [
                 # clone: a slice is a view, and would pickle the whole permutation.
                 client.submit(
@@ -207,7 +216,7 @@ class CentralizedEngine(DaskEngine):
                     payload,
                     weights,
                     batch[lo:hi].clone(),
-                    needs_stats,
+                    span > 0,
                     epoch,
                     len(workers) == 1,
                     workers=[w],
@@ -232,7 +241,7 @@ class CentralizedEngine(DaskEngine):
             server = client.submit(operator.itemgetter(0), result, pure=False)
             weights = client.submit(operator.itemgetter(1), result, pure=False)
             info = client.submit(operator.itemgetter(2), result, pure=False)
-            pending.append((plan, len(workers), info))
+            pending.append((plan, len(workers), max(span, 1), info))
             advance(state, plan.batch_size, plan.progress)
             offset += plan.batch_size
             if config.plans_read_model(damper):
