@@ -477,8 +477,11 @@ class GNSDamp(BaseDamper):
     or more, and only when the new one is at least ``1 + step`` times the
     current one (or reaches ``limit``): a noisy estimate does not make it
     creep by a few examples at a time, nor restart workers at every wobble.
-    With the default ``step=1`` every change at least doubles the batch, so
-    the worker count changes at most once per doubling. The estimator's
+    One change multiplies it by ``max_factor`` at most: nor does a noisy
+    estimate (the first ones above all) make it leap, far past the noise
+    scale that training will reach, and stay there. With the defaults
+    (``step=1``, ``max_factor=2``) every change doubles the batch, so the
+    worker count changes at most once per doubling. The estimator's
     ``max_batch_size`` applies on top, as for every damper (a request above
     it divides the learning rate instead).
 
@@ -492,6 +495,8 @@ class GNSDamp(BaseDamper):
         Model updates between two changes, at least (>= 1).
     step : float, default=1.0
         Smallest relative growth of a change (>= 0): 1 grows at least 2x.
+    max_factor : float or None, default=2.0
+        Largest growth factor of one change (>= 1 + step; None: no bound).
     limit : float or None, default=None
         The largest batch size requested (None: no bound).
 
@@ -512,12 +517,14 @@ class GNSDamp(BaseDamper):
         kappa: float = 1.0,
         dwell: int = 10,
         step: float = 1.0,
+        max_factor: float | None = 2.0,
         limit: float | None = None,
     ):
         self.initial = initial
         self.kappa = kappa
         self.dwell = dwell
         self.step = step
+        self.max_factor = max_factor
         self.limit = limit
         self.batch_size_: float | None = None
         self.changed_at_ = 0
@@ -528,6 +535,8 @@ class GNSDamp(BaseDamper):
         self._check_factor()
         check_int_at_least("dwell", self.dwell, 1, owner)
         check_at_least("step", self.step, 0, owner)
+        if self.max_factor is not None:
+            check_at_least("max_factor", self.max_factor, 1 + self.step, owner)
         if self.limit is not None:
             check_at_least("limit", self.limit, self.initial, owner)
 
@@ -551,6 +560,8 @@ class GNSDamp(BaseDamper):
             target = min(target, max(current, self.limit))
         at_limit = self.limit is not None and target >= self.limit > current
         if target >= current * (1 + self.step) or at_limit:
+            if self.max_factor is not None:
+                target = min(target, current * self.max_factor)
             self.batch_size_ = float(target)
             self.changed_at_ = state.model_updates
         return self.batch_size_
@@ -562,8 +573,8 @@ class NormTestDamp(GNSDamp):
     The test asks that the mean gradient's variance be small against its
     norm, ``tr(Sigma) / B <= eta^2 |G|^2``; where it fails, the batch grows
     to the smallest size that passes, ``B = B_simple / eta^2``. So this is
-    :class:`GNSDamp` with ``kappa = 1 / eta^2``, with its dwell, step and
-    limit (which see).
+    :class:`GNSDamp` with ``kappa = 1 / eta^2``, with its dwell, step,
+    max_factor and limit (which see).
 
     Parameters
     ----------
@@ -571,7 +582,7 @@ class NormTestDamp(GNSDamp):
         Batch size until the first change (> 0).
     eta : float, default=1.0
         The test's tolerance (> 0): smaller asks for larger batches.
-    dwell, step, limit
+    dwell, step, max_factor, limit
         As for :class:`GNSDamp`.
     """
 
@@ -581,12 +592,14 @@ class NormTestDamp(GNSDamp):
         eta: float = 1.0,
         dwell: int = 10,
         step: float = 1.0,
+        max_factor: float | None = 2.0,
         limit: float | None = None,
     ):
         self.initial = initial
         self.eta = eta
         self.dwell = dwell
         self.step = step
+        self.max_factor = max_factor
         self.limit = limit
         self.batch_size_: float | None = None
         self.changed_at_ = 0

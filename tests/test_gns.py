@@ -232,21 +232,21 @@ def _requests(damper, b_simples) -> list[float]:
 
 
 def test_gnsdamp_follows_kappa_times_the_noise_scale():
-    d = GNSDamp(initial=10, kappa=2.0, dwell=1, step=0.0)
+    d = GNSDamp(initial=10, kappa=2.0, dwell=1, step=0.0, max_factor=None)
     assert d.needs_grad_stats and d.adaptive and not d.needs_loss
     assert _requests(d, [None, 30.0, 40.0]) == [10, 60.0, 80.0]
     assert DAMPERS["GNSDamp"] is GNSDamp and DAMPERS["NormTestDamp"] is NormTestDamp
 
 
 def test_gnsdamp_never_shrinks():
-    d = GNSDamp(initial=10, kappa=1.0, dwell=1, step=0.0)
+    d = GNSDamp(initial=10, kappa=1.0, dwell=1, step=0.0, max_factor=None)
     got = _requests(d, [None, 50.0, 20.0, 5.0, 80.0, 1.0])
     assert got == [10, 50.0, 50.0, 50.0, 80.0, 80.0]
     assert all(b >= a for a, b in zip(got, got[1:]))
 
 
 def test_gnsdamp_respects_dwell():
-    d = GNSDamp(initial=10, kappa=1.0, dwell=5, step=0.0)
+    d = GNSDamp(initial=10, kappa=1.0, dwell=5, step=0.0, max_factor=None)
     got = _requests(d, [10.0 * (k + 2) for k in range(16)])
     changes = [k for k in range(1, len(got)) if got[k] != got[k - 1]]
     assert changes == [5, 10, 15]
@@ -265,22 +265,30 @@ def test_gnsdamp_limit_and_the_max_batch_size_rule():
     # 150 is less than a doubling, but it is the limit: reached.
     assert _requests(d, [None, 1000.0, 5000.0]) == [100, 150.0, 150.0]
     # The estimator's max_batch_size applies as for every damper.
-    d = GNSDamp(initial=100, kappa=1.0, dwell=1, step=0.0)
+    d = GNSDamp(initial=100, kappa=1.0, dwell=1, step=0.0, max_factor=None)
     plan = next_update(d, _state(3, 400.0), max_batch_size=200, start=0)
     assert (plan.damping, plan.batch_size, plan.lr_factor) == (400.0, 200, 0.5)
 
 
 def test_norm_test_is_the_noise_scale_over_eta_squared():
-    d = NormTestDamp(initial=10, eta=0.5, dwell=1, step=0.0)
+    d = NormTestDamp(initial=10, eta=0.5, dwell=1, step=0.0, max_factor=None)
     assert _requests(d, [None, 30.0]) == [10, 120.0]  # B = B_simple / eta^2
     assert "kappa" not in d.get_params()
 
 
+def test_gnsdamp_grows_at_most_max_factor_per_change():
+    d = GNSDamp(initial=10, kappa=1.0, dwell=1, step=1.0)  # max_factor=2
+    # A first estimate far above the batch moves it one doubling at a time.
+    assert _requests(d, [None, 1000.0, 1000.0, 1000.0, 30.0]) == [10, 20.0, 40.0, 80.0, 80.0]
+    d = GNSDamp(initial=10, kappa=1.0, dwell=1, step=0.5, max_factor=3.0)
+    assert _requests(d, [None, 14.0, 16.0, 1000.0]) == [10, 10, 16.0, 48.0]
+
+
 def test_gnsdamp_state_dict_round_trip():
-    d = GNSDamp(initial=10, dwell=2, step=0.0)
+    d = GNSDamp(initial=10, dwell=2, step=0.0, max_factor=None)
     _requests(d, [None, 30.0, 40.0, 60.0])
     saved = d.state_dict()
-    fresh = GNSDamp(initial=10, dwell=2, step=0.0)
+    fresh = GNSDamp(initial=10, dwell=2, step=0.0, max_factor=None)
     fresh.load_state_dict(saved)
     assert (fresh.batch_size_, fresh.changed_at_) == (d.batch_size_, d.changed_at_) == (40.0, 2)
 
@@ -291,6 +299,7 @@ def test_gnsdamp_state_dict_round_trip():
         (GNSDamp, {"kappa": 0}, "kappa"),
         (GNSDamp, {"dwell": 0}, "dwell"),
         (GNSDamp, {"step": -1}, "step"),
+        (GNSDamp, {"step": 1, "max_factor": 1.5}, "max_factor"),
         (GNSDamp, {"initial": 64, "limit": 10}, "limit"),
         (NormTestDamp, {"eta": 0}, "eta"),
     ],
