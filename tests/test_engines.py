@@ -114,26 +114,30 @@ def test_bad_backend_fails_before_any_cluster_work(backend):
 EQ_N, EQ_BATCH, EQ_EPOCHS = 240, 48, 2
 
 
-def _equivalence_fit(backend: str, client=None, workers: int = 1) -> DaskClassifier:
-    X, y = digits(EQ_N)
+def _digits_estimator(backend: str, client=None, workers: int = 1, **params) -> DaskClassifier:
+    """The engines' comparison fit: SGD with momentum on the digits, seeded weights."""
     torch.manual_seed(0)  # the module's initial weights
-    module = MLP(features=64, hidden=16, out=10)
-    est = DaskClassifier(
-        module,
+    dask = {} if backend == "local" else {"min_workers": workers, "max_workers": workers}
+    defaults = dict(
         batch_size=EQ_BATCH,
         max_epochs=EQ_EPOCHS,
         lr=0.1,
         optimizer=torch.optim.SGD,
         optimizer__momentum=0.9,
         train_split=None,
-        backend=backend,
-        client=client,
         random_state=7,
-        min_workers=workers,
-        max_workers=workers,
         verbose=0,
     )
-    return est.fit(X, y)
+    return DaskClassifier(
+        MLP(features=64, hidden=16, out=10),
+        backend=backend,
+        client=client,
+        **{**defaults, **dask, **params},
+    )
+
+
+def _equivalence_fit(backend: str, client=None, workers: int = 1) -> DaskClassifier:
+    return _digits_estimator(backend, client, workers).fit(*digits(EQ_N))
 
 
 @pytest.fixture(scope="module")
@@ -393,39 +397,35 @@ def test_process_groups_live_across_epochs_at_one_worker_count(dask_client):
 
 
 class HalveFirstLayer(Callback):
-    """After the third epoch, halves the first layer's weights: a change no rank can foresee."""
+    """Halves the first layer's weights as epoch ``epoch`` (from 1) begins or ends.
 
-    def on_epoch_end(self, net, **kwargs):
-        if len(net.history) == 3:
+    A change of the client's module that no rank can foresee.
+    """
+
+    def __init__(self, epoch: int, at: str):
+        self.epoch, self.at = epoch, at
+
+    def _halve(self, net, at: str) -> None:
+        if at == self.at and len(net.history) == self.epoch:
             with torch.no_grad():
                 next(net.module_.parameters()).mul_(0.5)
 
+    def on_epoch_begin(self, net, **kwargs):
+        self._halve(net, "begin")
+
+    def on_epoch_end(self, net, **kwargs):
+        self._halve(net, "end")
+
 
 def _epoch_end_changes_fit(backend: str, client=None) -> DaskClassifier:
-    X, y = digits(EQ_N)
-    torch.manual_seed(0)
-    workers = {} if backend == "local" else {"min_workers": 2, "max_workers": 2}
-    est = DaskClassifier(
-        MLP(features=64, hidden=16, out=10),
-        batch_size=EQ_BATCH,
-        max_epochs=4,
-        lr=0.1,
-        optimizer=torch.optim.SGD,
-        optimizer__momentum=0.9,
-        train_split=None,
-        backend=backend,
-        client=client,
-        random_state=7,
-        verbose=0,
-        # The rate changes after the second epoch, the weights after the
-        # third; nothing changes after the first.
-        callbacks=[
-            ("step", LRScheduler(StepLR, step_size=2, gamma=0.5)),
-            ("halve", HalveFirstLayer()),
-        ],
-        **workers,
-    )
-    return est.fit(X, y)
+    # The rate changes after the second epoch, the weights after the third;
+    # nothing changes after the first.
+    callbacks = [
+        ("step", LRScheduler(StepLR, step_size=2, gamma=0.5)),
+        ("halve", HalveFirstLayer(3, "end")),
+    ]
+    est = _digits_estimator(backend, client, 2, max_epochs=4, callbacks=callbacks)
+    return est.fit(*digits(EQ_N))
 
 
 @pytest.mark.parametrize("backend", DASK_BACKENDS)
@@ -441,33 +441,10 @@ def test_changes_made_at_an_epoch_end_apply_from_the_next_update(dask_client, ba
     assert_weights_close(weights(est), weights(local), rtol=1e-5)
 
 
-class HalveFirstLayerAtTheStart(Callback):
-    """Halves the first layer's weights as the first epoch begins, after the engine started."""
-
-    def on_epoch_begin(self, net, **kwargs):
-        if len(net.history) == 1:
-            with torch.no_grad():
-                next(net.module_.parameters()).mul_(0.5)
-
-
 def _resumed_fit(backend: str, client=None) -> DaskClassifier:
+    # The weights change as the first epoch begins, after the engine started.
+    est = _digits_estimator(backend, client, 1, callbacks=[("halve", HalveFirstLayer(1, "begin"))])
     X, y = digits(EQ_N)
-    torch.manual_seed(0)
-    workers = {} if backend == "local" else {"min_workers": 1, "max_workers": 1}
-    est = DaskClassifier(
-        MLP(features=64, hidden=16, out=10),
-        batch_size=EQ_BATCH,
-        lr=0.1,
-        optimizer=torch.optim.SGD,
-        optimizer__momentum=0.9,
-        train_split=None,
-        backend=backend,
-        client=client,
-        random_state=7,
-        verbose=0,
-        callbacks=[("halve", HalveFirstLayerAtTheStart())],
-        **workers,
-    )
     for _ in range(2):
         est.partial_fit(X, y, epochs=1)
     return est
