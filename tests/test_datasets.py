@@ -192,6 +192,38 @@ def test_npy_dataset_trains_on_a_process_cluster(tmp_path, dask_client):
     assert est.score(ds) == pytest.approx(ref.score(X, y))
 
 
+def _private_clean_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Private_Clean:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Private_Clean line")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux only")
+def test_npy_dataset_reads_rows_without_mapping_the_file(tmp_path):
+    rows, features = 5000, 3072  # 12 KiB rows, 61 MB of inputs
+    # Written through a memory map, as the README suggests for large arrays
+    # (its pages then sit in the page cache in large blocks).
+    X = np.lib.format.open_memmap(
+        tmp_path / "X.npy", mode="w+", dtype=np.float32, shape=(rows, features)
+    )
+    X[:] = np.random.default_rng(0).standard_normal((rows, features), dtype=np.float32)
+    X.flush()
+    del X
+    np.save(tmp_path / "y.npy", np.arange(rows))
+    ds = NpyDataset(tmp_path / "X.npy", tmp_path / "y.npy")
+    order = np.random.default_rng(1).permutation(rows)[:2000]  # 25 MB read
+    before = _private_clean_bytes()
+    rows_read = [ds[int(i)][0] for i in order]
+    grown = _private_clean_bytes() - before
+    # Read through a memory map in this order, most of the file would be
+    # mapped (the pages around each row come with it) and count as private.
+    assert grown < 8e6, f"private memory grew {grown / 1e6:.0f} MB"
+    X = np.load(tmp_path / "X.npy", mmap_mode="r")
+    np.testing.assert_array_equal(rows_read[0].numpy(), X[order[0]])
+
+
 # --------------------------------------------------------------------------- the surface
 
 
