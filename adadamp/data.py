@@ -136,7 +136,7 @@ class _NpyRows:
             raise IndexError(f"row {index} of {n} in {self.path}")
         position = self.offset + (index % n) * self.row_bytes
         row = np.empty(self.row_shape, dtype=self.dtype)
-        buffer = memoryview(row.reshape(-1)).cast("B")
+        buffer = row.data.cast("B")
         if hasattr(os, "preadv"):  # straight into the row: no copy
             got = os.preadv(self.fd, [buffer], position)
         else:  # pragma: no cover - platform dependent
