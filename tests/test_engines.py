@@ -24,7 +24,7 @@ from estimator_helpers import (
     wait_until_workers_hold_model,
     weights,
 )
-from skorch.callbacks import Callback, LRScheduler
+from skorch.callbacks import Callback, EarlyStopping, LRScheduler
 from torch.optim.lr_scheduler import StepLR
 
 from adadamp import ConvergenceError
@@ -439,6 +439,25 @@ def test_changes_made_at_an_epoch_end_apply_from_the_next_update(dask_client, ba
     assert sorted(set(updates(est, "lr"))) == pytest.approx([0.05, 0.1])
     assert updates(est, "train_loss") == pytest.approx(updates(local, "train_loss"), rel=1e-5)
     assert_weights_close(weights(est), weights(local), rtol=1e-5)
+
+
+def _early_stopped_fit(backend: str, client=None) -> DaskClassifier:
+    # No epoch can improve the loss by 99%: the fit stops after its patience.
+    stop = EarlyStopping(monitor="train_loss", patience=1, threshold=0.99, sink=lambda *a: None)
+    est = _digits_estimator(backend, client, 1, max_epochs=8, callbacks=[("stop", stop)])
+    return est.fit(*digits(EQ_N))
+
+
+def test_an_early_stop_ends_the_ranks_that_ran_ahead(dask_client):
+    local = _early_stopped_fit("local")
+    est = _early_stopped_fit("decentralized", dask_client)
+    assert len(est.history_) == len(local.history_) < 8
+    assert_weights_close(weights(est), weights(local), rtol=1e-5)
+    # The ranks were into the next epoch when the client stopped: they end.
+    deadline = time.monotonic() + 10
+    while any(dask_client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(dask_client.processing().values()), dask_client.processing()
 
 
 def _resumed_fit(backend: str, client=None) -> DaskClassifier:
