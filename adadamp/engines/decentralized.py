@@ -92,9 +92,8 @@ class SegmentStart:
 
 @dataclass
 class GoOn:
-    """The client's word to every rank of a running segment: train the next epoch."""
+    """The client's word to every rank of a running segment on its next epoch."""
 
-    token: str
     epoch: int
     hyperparameters: list[dict] = field(default_factory=list)
     """Each optimizer param group's settings (``lr``, ...) as the client has them."""
@@ -478,7 +477,6 @@ class DecentralizedEngine(DaskEngine):
         if self._running is not None:
             self._deliver(
                 GoOn(
-                    self._running.token,
                     epoch,
                     _hyperparameters(self.optimizer),
                     self._changed_weights(module_state),
