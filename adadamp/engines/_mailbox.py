@@ -1,18 +1,18 @@
 """The epoch hand-off between a segment's ranks and the client, without a round of tasks.
 
 A segment's ranks run as one long Dask task each, across epochs. At an
-epoch's end rank 0 posts the epoch's result here (:func:`post`), and every
-rank waits for the client's word (:func:`wait_word`). The client takes the
-result with ``client.run(take, ...)``, a coroutine on the worker's event
+epoch's end rank 0 posts the epoch's result here (:func:`post`). The client
+takes it with ``client.run(take, ...)``, a coroutine on the worker's event
 loop that wakes as soon as it is posted, runs its epoch-end work (history,
-validation, callbacks), and delivers its word to every rank with
-``client.run(deliver, ...)``. A ``client.run`` round trip costs about a
-millisecond; a round of Dask tasks (submit, schedule, run, fetch the
-result) costs ten or more, which is several updates of a small model.
+validation, callbacks), and delivers its word on the next epoch to every
+rank with ``client.run(deliver, ...)``; the ranks, which ran on into that
+epoch meanwhile, look for it (:func:`has_word`) and read it
+(:func:`wait_word`). A ``client.run`` round trip costs about a millisecond;
+a round of Dask tasks (submit, schedule, run, fetch the result) costs ten or
+more, which is several updates of a small model.
 
 Everything is keyed by the segment's token; a segment has at most one
-result and one word in flight at a time.
-"""
+result and one word in flight at a time."""
 
 from __future__ import annotations
 
