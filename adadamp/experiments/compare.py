@@ -48,6 +48,7 @@ from .runtime import (
     TestScoring,
     WallClock,
     dask_client,
+    freeze_what_is_held,
     positive_int,
     torch_threads,
     worker_limit,
@@ -195,6 +196,7 @@ def train_one(
     # The same initial weights for every schedule of a seed.
     torch.manual_seed(seed)
     net.initialize()
+    freeze_what_is_held()
     # Measured from the fit's start, so that the engine's start, its rescales
     # and its epoch boundaries all count; the shared cluster's start does not.
     began = time.perf_counter()
