@@ -23,7 +23,7 @@ DASK_INPUT_HELP = (
     "adadamp gathers random examples for every model update, and each update would "
     "read nearly every chunk of a chunked array. Pass {name}.compute() when it fits in "
     "memory; for data larger than memory, train on a map-style torch Dataset that "
-    "opens its files lazily (such as a memory-mapped .npy file), which each worker "
+    "opens its files lazily (such as adadamp.data.NpyDataset over .npy files), which each worker "
     "reads where it is used, and predict chunk by chunk (dask.array.map_blocks)."
 )
 

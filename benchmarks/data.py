@@ -314,7 +314,7 @@ def run_memory(args) -> dict:
             for name, g in growth.items()
         },
     }
-    print(f"{result['settings']['array_gb']} GB memory-mapped, decentralized on 2 workers")
+    print(f"{result['settings']['array_gb']} GB on disk (NpyDataset), decentralized on 2 workers")
     for name, g in growth.items():
         verdict = "met" if g < TARGET_USS_GB else "MISSED"
         print(f"  {name:<10} USS grew {g:7.3f} GB   target < {TARGET_USS_GB}: {verdict}")
