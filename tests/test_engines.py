@@ -364,9 +364,9 @@ def test_decentralized_fit_on_cuda_keeps_the_module_on_the_gpu():
 
 
 def _segment_token(fit_id: str) -> str | None:
-    from adadamp.engines import decentralized
+    from adadamp.engines import _ranks
 
-    segment = decentralized._SEGMENTS.get(fit_id)
+    segment = _ranks._SEGMENTS.get(fit_id)
     return None if segment is None else segment.token
 
 
