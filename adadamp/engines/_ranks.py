@@ -308,7 +308,7 @@ def _changes(model: _worker.WorkerModel, word: GoOn) -> bool:
     """Whether the client's word changes the weights or any optimizer setting."""
     if word.module_state is not None:
         return True
-    now = optimizer_settings(model.optimizer)
+    now = _worker.optimizer_settings(model.optimizer)
     return len(now) != len(word.hyperparameters) or any(
         not _same_settings(a, b) for a, b in zip(now, word.hyperparameters)
     )
@@ -392,8 +392,3 @@ async def release_rank(fit_id: str) -> None:
     _mailbox.forget(fit_id)
     _STOP_REQUESTS.difference_update({t for t in _STOP_REQUESTS if t.startswith(fit_id)})
     _worker.release(fit_id)
-
-
-def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's settings (``lr``, ...), without its parameters."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

@@ -85,10 +85,10 @@ class PieceNorms:
 
     def __call__(self, size: int, last: bool = False) -> None:
         now = [t.detach().reshape(-1) for t in self.tensors()]
-        now_sq = sum(torch.dot(t, t).double() for t in now)
+        now_sq = dot_sum(now, now)
         piece_sq = now_sq
         if self.previous is not None:
-            cross = sum(torch.dot(t, p).double() for t, p in zip(now, self.previous))
+            cross = dot_sum(now, self.previous)
             # Rounding can take a tiny piece below zero; a squared norm is not.
             piece_sq = torch.clamp(torch.as_tensor(now_sq - 2 * cross + self.previous_sq), min=0.0)
         if not last:
@@ -152,11 +152,23 @@ def gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
 
 
-def squared_norm(tensors: Sequence[torch.Tensor]) -> float:
-    # A dot product per tensor: no float64 copy of a large model's gradients.
-    return float(
-        sum(torch.dot(t.detach().reshape(-1), t.detach().reshape(-1)).double() for t in tensors)
+def dot_sum(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i xs[i] . ys[i]`` in float64, as a tensor (no device sync).
+
+    A dot product per tensor: no float64 copy of a large model's gradients.
+    """
+    zero = torch.zeros((), dtype=torch.float64)  # a 0-d CPU start adds to tensors on any device
+    return sum(
+        (
+            torch.dot(x.detach().reshape(-1), y.detach().reshape(-1)).double()
+            for x, y in zip(xs, ys)
+        ),
+        zero,
     )
+
+
+def squared_norm(tensors: Sequence[torch.Tensor]) -> float:
+    return float(dot_sum(tensors, tensors))
 
 
 def apply_update(

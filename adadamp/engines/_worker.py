@@ -26,6 +26,11 @@ from ._loop import RankModel
 from .base import TrainConfig
 
 
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (``lr``, ...), without its parameters."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
 @dataclass
 class OptimizerRecipe:
     """How to rebuild an optimizer over another copy of the same module."""
@@ -38,11 +43,8 @@ class OptimizerRecipe:
     def of(cls, optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerRecipe:
         index = {id(p): i for i, p in enumerate(module.parameters())}
         groups = [
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [index[id(p)] for p in g["params"]],
-            }
-            for g in optimizer.param_groups
+            {**settings, "params": [index[id(p)] for p in g["params"]]}
+            for settings, g in zip(optimizer_settings(optimizer), optimizer.param_groups)
         ]
         return cls(type(optimizer), groups)
 

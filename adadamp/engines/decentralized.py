@@ -47,7 +47,6 @@ from ._ranks import (
     GoOn,
     Handoff,
     SegmentStart,
-    optimizer_settings,
     release_rank,
     request_stop,
     run_segment,
@@ -110,11 +109,12 @@ class DecentralizedEngine(DaskEngine):
             self._end_segment()
         if self._running is not None:
             self._deliver(
+                self._running,
                 GoOn(
                     epoch,
-                    optimizer_settings(self.optimizer),
+                    _worker.optimizer_settings(self.optimizer),
                     self._changed_weights(module_state),
-                )
+                ),
             )
         while True:
             if self._running is None:
@@ -261,14 +261,14 @@ class DecentralizedEngine(DaskEngine):
             running.workers
         )
 
-    def _deliver(self, word: GoOn | None) -> None:
-        """Give the running segment's ranks the client's word (see :mod:`._mailbox`)."""
-        assert self._running is not None
+    def _deliver(self, running: _Running, word: GoOn | None, wait: bool = True) -> None:
+        """Give a segment's ranks the client's word (see :mod:`._mailbox`); None ends it."""
         self.client.run(
             _mailbox.deliver,
-            self._running.token,
+            running.token,
             word,
-            workers=self._running.workers,
+            workers=running.workers,
+            wait=wait,
             on_error="return",  # a worker gone is noticed while waiting for the ranks
         )
 
@@ -279,9 +279,7 @@ class DecentralizedEngine(DaskEngine):
             return
         if not ended_itself:
             with contextlib.suppress(Exception):
-                self.client.run(
-                    _mailbox.deliver, running.token, None, workers=running.workers, wait=False
-                )
+                self._deliver(running, None, wait=False)
         self.client.cancel(running.futures)
 
     def _await_handoff(self, epoch: int) -> Handoff:
