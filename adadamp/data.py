@@ -13,7 +13,12 @@ contract, as :class:`NpyDataset` does:
   numbers); a random transform drawn here draws anew at every use;
 - optionally ``targets``: all targets as one small array, which a
   stratified validation split and ``score(dataset)`` use instead of
-  reading every example.
+  reading every example;
+- optionally ``random_generators``: the global generators its reads draw
+  from (of ``"torch"``, ``"numpy"``, ``"random"``), which a fit with
+  ``random_state`` seeds per (epoch, example). Without it, the fit reads
+  three examples to see which they draw from; name them when only some
+  examples draw.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ import multiprocessing
 import random
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 
@@ -118,67 +119,179 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0xFFFFFFFF
 
 
+# The global generators that a dataset's transforms draw from, and that a
+# seeded read seeds: torch's CPU generator, NumPy's legacy one, Python's.
+GENERATORS = ("torch", "numpy", "random")
+
+
+def generators_drawn(dataset: TorchDataset, indices: list[int]) -> tuple[str, ...]:
+    """Which of :data:`GENERATORS` reading ``dataset[i]`` draws from, for ``i`` in ``indices``.
+
+    Each generator is seeded, the item read, and its state compared with
+    the seeded one: a generator whose state moved was drawn from. Seeding
+    one costs 1 to 4 µs per example, more than reading a tensor row, so a
+    fit seeds only those that its dataset's reads draw from (none, for a
+    dataset without random transforms). The generators are restored after.
+    """
+    drawn: set[str] = set()
+    with _restored_generators(GENERATORS):
+        for index in indices:
+            _seed_generators(GENERATORS, 0)
+            before = _generator_states()
+            dataset[index]
+            after = _generator_states()
+            drawn |= {name for name in GENERATORS if not _same_state(before[name], after[name])}
+    return tuple(name for name in GENERATORS if name in drawn)
+
+
+def probe_indices(n: int) -> list[int]:
+    """The examples :func:`generators_drawn` reads: the first, the middle and the last."""
+    return sorted({0, n // 2, n - 1})
+
+
+def declared_generators(dataset: TorchDataset) -> tuple[str, ...] | None:
+    """The dataset's ``random_generators`` (through ``Subset`` wrappers), or None.
+
+    A dataset that draws from a global generator only for some examples
+    names them so, since a probe of three examples may not see the draw.
+    """
+    while isinstance(dataset, Subset) and not hasattr(dataset, "random_generators"):
+        dataset = dataset.dataset
+    declared = getattr(dataset, "random_generators", None)
+    if declared is None:
+        return None
+    unknown = set(declared) - set(GENERATORS)
+    if unknown:
+        raise ValueError(
+            f"random_generators of {type(dataset).__name__} names {sorted(unknown)}: "
+            f"the global generators seeded per example are {GENERATORS}."
+        )
+    return tuple(name for name in GENERATORS if name in declared)
+
+
+# How to read and restore each of GENERATORS' state.
+_GET_STATE: dict[str, Callable[[], Any]] = {
+    "torch": torch.get_rng_state,
+    "numpy": np.random.get_state,
+    "random": random.getstate,
+}
+_SET_STATE: dict[str, Callable[[Any], Any]] = {
+    "torch": torch.set_rng_state,
+    "numpy": np.random.set_state,
+    "random": random.setstate,
+}
+
+
+def _generator_states(generators: tuple[str, ...] = GENERATORS) -> dict[str, Any]:
+    return {name: _GET_STATE[name]() for name in generators}
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, tuple) and len(a) == 5 and isinstance(a[1], np.ndarray):  # NumPy's
+        return np.array_equal(a[1], b[1]) and a[0] == b[0] and a[2:] == b[2:]
+    return a == b
+
+
+def _seed_generators(generators: tuple[str, ...], seed: int) -> None:
+    if "torch" in generators:
+        # The generator's own manual_seed: torch.manual_seed also seeds every
+        # accelerator, a hundred times slower per call.
+        torch.default_generator.manual_seed(seed)
+    if "numpy" in generators:
+        np.random.seed(seed)
+    if "random" in generators:
+        random.seed(seed)
+
+
 class _SeededItems(TorchDataset):
     """``dataset[i]`` for keys ``(epoch, i)``, its randomness seeded from ``(seed, epoch, i)``.
 
-    The global torch, NumPy and ``random`` generators are seeded before the
-    item and restored after it, so that a transform draws the same values for
-    the same (seed, epoch, example) on any rank, worker or loader process, and
-    the rest of the program sees its generators untouched. With ``seed=None``
-    the item is read as it is (fresh draws, not reproducible).
+    The global ``generators`` (names from :data:`GENERATORS`) are seeded
+    before each item and restored after the batch, so that a transform
+    draws the same values for the same (seed, epoch, example) on any rank,
+    worker or loader process, and the rest of the program sees its
+    generators untouched. With ``seed=None``, or no generator to seed, the
+    item is read as it is.
     """
 
-    def __init__(self, dataset: TorchDataset, seed: int | None):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: TorchDataset, seed: int | None, generators: tuple[str, ...]):
+        self.dataset, self.seed, self.generators = dataset, seed, generators
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        if self.seed is None:
-            return self.dataset[index]
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         # A DataLoader fetches a whole batch through this: the generators are
         # saved and restored once per batch (saving NumPy's costs ~0.1 ms).
-        if self.seed is None:
+        if self.seed is None or not self.generators:
             return [self.dataset[index] for _, index in keys]
-        seed = self.seed
-        with _restored_generators():
-            return [_seeded_read(self.dataset, item_seed(seed, e, i), i) for e, i in keys]
+        seed, generators = self.seed, self.generators
+        with _restored_generators(generators):
+            return [
+                _seeded_read(self.dataset, generators, item_seed(seed, e, i), i) for e, i in keys
+            ]
 
 
 @contextlib.contextmanager
-def _restored_generators():
-    """Restore the global torch, NumPy and ``random`` generators on leaving."""
-    torch_state, np_state, py_state = (
-        torch.get_rng_state(),
-        np.random.get_state(),
-        random.getstate(),
-    )
+def _restored_generators(generators: tuple[str, ...]):
+    """Restore the global ``generators`` on leaving."""
+    states = _generator_states(generators)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+        for name, state in states.items():
+            _SET_STATE[name](state)
 
 
-def _seeded_read(dataset: TorchDataset, seed: int, index: int):
-    # The generator's own manual_seed: torch.manual_seed also seeds every
-    # accelerator, a hundred times slower per call.
-    torch.default_generator.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def _seeded_read(dataset: TorchDataset, generators: tuple[str, ...], seed: int, index: int):
+    _seed_generators(generators, seed)
     return dataset[index]
 
 
 def seeded_item(dataset: TorchDataset, seed: int, index: int):
-    """``dataset[index]`` with the global generators seeded by ``seed``, then restored."""
-    with _restored_generators():
-        return _seeded_read(dataset, seed, index)
+    """``dataset[index]`` with every global generator seeded by ``seed``, then restored."""
+    with _restored_generators(GENERATORS):
+        return _seeded_read(dataset, GENERATORS, seed, index)
+
+
+# A loader process's batch under this size travels back by value, in the
+# pipe; a larger one in shared memory, whose hand-over (a file descriptor per
+# tensor, through the loader's resource sharer) costs about a millisecond.
+BY_VALUE_BYTES = 4 << 20
+
+
+def collate_pairs(items: list) -> Any:
+    """``default_collate`` of a batch, with a fast path for ``(tensor, tensor)`` items.
+
+    ``default_collate`` inspects every item before it stacks (about 1 µs per
+    example, as much as reading a row of a tensor); items that are pairs of
+    tensors of one shape each are stacked directly. In a loader process such
+    a batch, if under :data:`BY_VALUE_BYTES`, is returned as NumPy arrays,
+    which travel by value; larger ones are stacked by ``default_collate``
+    into the shared memory they travel in.
+    """
+    first = items[0]
+    pairs = (
+        type(first) is tuple
+        and len(first) == 2
+        and isinstance(first[0], torch.Tensor)
+        and isinstance(first[1], torch.Tensor)
+    )
+    in_loader = get_worker_info() is not None
+    size = len(items) * sum(t.element_size() * t.numel() for t in first) if pairs else 0
+    if pairs and (not in_loader or size <= BY_VALUE_BYTES):
+        xs, ys = zip(*items)
+        try:
+            X, y = torch.stack(xs), torch.stack(ys)
+            return (X.numpy(), y.numpy()) if in_loader else (X, y)
+        except (RuntimeError, TypeError):  # shapes or dtypes NumPy lacks: the general path
+            pass
+    return default_collate(items)
 
 
 class _Requests:
@@ -213,6 +326,13 @@ class DatasetExamples:
     first use (:class:`adadamp.data.NpyDataset`) is read on the worker, only
     for the examples it uses.
 
+    The next update's examples load while the current one computes: in
+    loader processes with ``num_workers >= 1``; without them, on a thread of
+    this process when no global generator needs seeding (no ``seed``, or
+    reads that draw from none), since seeding a global generator on a
+    thread would race with the computation's own draws (dropout); else in
+    the caller, at the take.
+
     Parameters
     ----------
     dataset : torch.utils.data.Dataset
@@ -232,6 +352,11 @@ class DatasetExamples:
         ``worker_init_fn``, ``multiprocessing_context``, ... Batching and
         order are the engine's: ``batch_size``, ``shuffle`` and samplers are
         ignored.
+    generators : tuple of str or None, default=None
+        The global generators (:data:`GENERATORS`) that ``seed`` seeds per
+        example; None: the dataset's ``random_generators`` attribute if it
+        has one, else those that reading a few examples draws from
+        (:func:`generators_drawn`).
     """
 
     def __init__(
@@ -242,9 +367,17 @@ class DatasetExamples:
         target_dtype: torch.dtype | None = None,
         loader_params: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
+        generators: tuple[str, ...] | None = None,
     ):
         self.dataset = dataset
         self.seed = seed
+        if seed is None:
+            generators = ()
+        elif generators is None:
+            generators = declared_generators(dataset)
+        if generators is None:
+            generators = generators_drawn(dataset, probe_indices(len(dataset)))  # type: ignore[arg-type]
+        self.generators = tuple(generators)
         self.float_dtype, self.target_dtype = float_dtype, target_dtype
         self.loader_params = {
             k: v for k, v in (loader_params or {}).items() if k not in _OWN_LOADER_KEYS
@@ -273,6 +406,7 @@ class DatasetExamples:
             self.target_dtype,
             self.loader_params,
             device,
+            self.generators,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -319,30 +453,38 @@ class DatasetExamples:
                 # generator, not from (and so without advancing) the global one.
                 params.setdefault("generator", torch.Generator().manual_seed(self.seed))
             params["pin_memory"] = bool(params.get("pin_memory")) and self._device.type == "cuda"
+            params.setdefault("collate_fn", collate_pairs)
             self._loader = DataLoader(
-                _SeededItems(self.dataset, self.seed), batch_sampler=self._requests, **params
+                _SeededItems(self.dataset, self.seed, self.generators),
+                batch_sampler=self._requests,
+                **params,
             )
         return self._loader
 
+    @property
+    def _loads_on_thread(self) -> bool:
+        """Whether loads run on :attr:`_thread` (see the class's notes on prefetching)."""
+        return self.num_workers > 0 or not self.generators
+
     def _load(self, batches: list[list[tuple[int, int]]]) -> list:
-        """The collated ``batches``; with loader processes, run only in :attr:`_thread`."""
+        """The collated ``batches``; run only on :attr:`_thread` when it loads."""
         self._requests.batches = batches
         iterator = iter(self._open_loader())
         return [next(iterator) for _ in batches]
 
     @property
     def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        # One thread talks to the loader processes, so that the wait for a
-        # batch (and the loader's own hand-shake per request) happens beside
-        # the computation rather than in it. It touches no random generator:
-        # the draws happen in the loader processes.
+        # One thread loads (or talks to the loader processes), so that the
+        # reads, or the wait for a batch and the loader's hand-shake per
+        # request, happen beside the computation rather than in it. It
+        # seeds no global generator: see _loads_on_thread.
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, "adadamp-loader")
         return self._executor
 
     def prefetch(self, indices: torch.Tensor) -> None:
-        """Start loading ``indices`` in the loader processes (only with ``num_workers >= 1``)."""
-        if self.num_workers == 0 or not len(indices):
+        """Start loading ``indices`` beside the computation, where loads may run on a thread."""
+        if not self._loads_on_thread or not len(indices):
             return
         batches = self._batches(indices)
         with self._lock:
@@ -355,11 +497,11 @@ class DatasetExamples:
             pending, self._pending = self._pending, None
             if pending is not None and pending[0] == batches:
                 parts = pending[1].result()
-            elif self.num_workers:
+            elif self._loads_on_thread:
                 parts = self._thread.submit(self._load, batches).result()
             else:
                 parts = self._load(batches)
-        X, y = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
+        X, y = (torch.cat([_as_tensor(a) for a in t]) for t in zip(*parts))
         return self._cast(X, y)
 
     def _cast(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,11 @@ Speed (the default): the MLP of ``overhead.py`` (its "small" size) on
 generated data, global batch 256, trained from the same data twice in the
 same run: as arrays (gathered from memory) and as a transform-free
 ``torch.utils.data.Dataset`` (read with ``dataset[i]`` per example, through
-the loader settings the README recommends: ``iterator_train__num_workers``
-loader processes, each rank's next slice prefetched), with ``random_state``
-(seeded reads) and without (``dataset_unseeded``). Engines: ``local``,
+the loader settings the README recommends for reads that draw nothing:
+``iterator_train__num_workers=0``, each rank's next slice read on a thread
+while the current one computes; ``--num-workers`` for loader processes),
+with ``random_state`` (the reads draw nothing, so nothing is seeded) and
+without (``dataset_unseeded``). Engines: ``local``,
 ``decentralized`` on 1 and 2 Dask workers. Figures: steady-state ms per
 model update (the mean of ``history_`` update durations over every epoch but
 the first, less each epoch's first update, as in ``overhead.py``), the
@@ -66,7 +68,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.15
 TARGET_USS_GB = 0.3
 # The loader settings the README recommends for a Dataset (see "Training on a Dataset").
-LOADER = {"iterator_train__num_workers": 2}
+LOADER = {"iterator_train__num_workers": 0}
 ENGINES = [("local", None), ("decentralized", 1), ("decentralized", 2)]
 MEMORY_FEATURES = 3 * 32 * 32  # a CIFAR-sized image per row
 

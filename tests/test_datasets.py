@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import threading
 from collections import defaultdict
 
@@ -12,12 +13,18 @@ import pytest
 import torch
 from estimator_helpers import MLP, digits, one_torch_thread, weights  # noqa: F401
 from skorch.dataset import ValidSplit
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from adadamp import DaskClassifier
 from adadamp._training_data import training_examples
 from adadamp.data import NpyDataset
-from adadamp.examples import DatasetExamples, TensorExamples
+from adadamp.examples import (
+    DatasetExamples,
+    TensorExamples,
+    collate_pairs,
+    generators_drawn,
+    probe_indices,
+)
 
 N = 96
 
@@ -47,6 +54,31 @@ class ShiftedDigits(Digits):
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()} {i} {shift!r}\n")
         return self.X[i] + shift, self.y[i]
+
+
+class NumpyAndRandomShifted(Digits):
+    """Each use adds shifts drawn from NumPy's and Python's global generators."""
+
+    def __getitem__(self, i):
+        return self.X[i] + np.random.rand() + random.random(), self.y[i]
+
+
+class ReadThreads(Digits):
+    """Records the name of the thread of each read."""
+
+    def __init__(self, n: int = N):
+        super().__init__(n)
+        self.threads: list[str] = []
+
+    def __getitem__(self, i):
+        self.threads.append(threading.current_thread().name)
+        return super().__getitem__(i)
+
+
+class ShiftedReadThreads(ReadThreads):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + float(torch.rand(())), y
 
 
 def draws(log: str) -> dict[int, list[tuple[int, float]]]:
@@ -100,6 +132,20 @@ def test_dataset_examples_cast_and_pickle_small(tmp_path):
     assert len(pickle.dumps(DatasetExamples(ds))) < 2000
 
 
+def test_pairs_of_tensors_collate_as_default_collate_does():
+    from torch.utils.data import default_collate
+
+    rows = [(torch.randn(3, 2), torch.tensor(i)) for i in range(4)]
+    for fast, default in zip(collate_pairs(rows), default_collate(rows)):
+        assert torch.equal(fast, default) and fast.dtype == default.dtype
+    # Anything else takes default_collate's path: arrays, numbers, ragged shapes.
+    mixed = [(np.ones(2), 1), (np.zeros(2), 0)]
+    assert [t.tolist() for t in collate_pairs(mixed)] == [[[1.0, 1.0], [0.0, 0.0]], [1, 0]]
+    ragged = [(torch.ones(2), torch.tensor(0)), (torch.ones(3), torch.tensor(1))]
+    with pytest.raises(RuntimeError):
+        collate_pairs(ragged)
+
+
 # --------------------------------------------------------------------------- draws per use
 
 
@@ -107,8 +153,9 @@ def test_augmentation_is_drawn_afresh_every_epoch_locally(tmp_path):
     log = str(tmp_path / "draws.txt")
     estimator(max_epochs=3).fit(ShiftedDigits(log))
     drawn = draws(log)
-    # Index 0 is read once more on the client, to check the items are pairs.
-    for index in range(1, N):
+    # Index 0 is read once more on the client, to check the items are pairs,
+    # and the probed ones once each, to see which generators they draw from.
+    for index in set(range(N)) - {0, *probe_indices(N)}:
         shifts = [s for _, s in drawn[index]]
         assert len(shifts) == 3, (index, shifts)
         assert len(set(shifts)) == 3, (index, shifts)
@@ -123,7 +170,7 @@ def test_augmentation_is_drawn_on_the_workers_every_epoch(tmp_path, dask_client,
     ref = estimator(max_epochs=2).fit(ShiftedDigits(local_log))
     drawn, local = draws(log), draws(local_log)
     me = os.getpid()
-    for index in range(1, N):
+    for index in set(range(N)) - {0, *probe_indices(N)}:
         on_workers = [(pid, s) for pid, s in drawn[index] if pid != me]
         assert len(on_workers) == 2, (index, drawn[index])
         assert on_workers[0][1] != on_workers[1][1]
@@ -144,6 +191,41 @@ def test_same_random_state_same_weights_and_global_rng_untouched(tmp_path):
     assert max_diff(a, b) == 0.0
     c = estimator(random_state=1).fit(ShiftedDigits(str(tmp_path / "c.txt")))
     assert max_diff(a, c) > 1e-3
+
+
+def test_seeded_reads_seed_only_the_generators_the_reads_draw_from(tmp_path):
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    assert generators_drawn(Digits(), probe_indices(N)) == ()
+    assert generators_drawn(ShiftedDigits(str(tmp_path / "log.txt")), [5]) == ("torch",)
+    assert generators_drawn(NumpyAndRandomShifted(), [5]) == ("numpy", "random")
+    assert torch.equal(torch.get_rng_state(), states[0])  # the probe draws nothing for good
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert random.getstate() == states[2]
+    declared = Digits()
+    declared.random_generators = ("random", "torch")
+    assert DatasetExamples(declared, seed=0).generators == ("torch", "random")
+    assert DatasetExamples(Subset(declared, [1, 2]), seed=0).generators == ("torch", "random")
+    assert DatasetExamples(Digits(), seed=None).generators == ()
+    # What is seeded makes a fit reproducible.
+    a = estimator(max_epochs=1).fit(NumpyAndRandomShifted())
+    b = estimator(max_epochs=1).fit(NumpyAndRandomShifted())
+    assert max_diff(a, b) == 0.0
+    c = estimator(max_epochs=1, random_state=1).fit(NumpyAndRandomShifted())
+    assert max_diff(a, c) > 1e-3
+
+
+def test_reads_that_draw_nothing_load_beside_the_computation():
+    dataset = ReadThreads()
+    estimator(max_epochs=2).fit(dataset)
+    on_loader = [name.startswith("adadamp-loader") for name in dataset.threads]
+    # All but each epoch's first update (nothing to load it beside) and the probes.
+    assert sum(on_loader) >= 2 * N - 2 * 32, set(dataset.threads)
+    # Reads that draw are seeded, so they load in the rank's own thread.
+    drawing = ShiftedReadThreads()
+    a = estimator(max_epochs=2).fit(drawing)
+    assert not any(name.startswith("adadamp-loader") for name in drawing.threads)
+    b = estimator(max_epochs=2).fit(ShiftedReadThreads())
+    assert max_diff(a, b) == 0.0
 
 
 def test_without_random_state_fits_differ(tmp_path):
