@@ -165,6 +165,34 @@ def test_dask_engines_match_local_weights(dask_client, local_reference, workers,
     )
 
 
+class WithUnusedParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(64, 10)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_lone_rank_steps_unused_parameters_as_several_ranks_do():
+    # Several ranks reduce a buffer of zeros for a parameter the loss does not
+    # use, so the optimizer steps it (weight decay here); a lone rank, whose
+    # backward passes write fresh gradients, must give it zeros too, not None.
+    est = DaskClassifier(
+        WithUnusedParameter,
+        batch_size=32,
+        max_epochs=1,
+        lr=0.1,
+        optimizer=torch.optim.SGD,
+        optimizer__weight_decay=0.5,
+        train_split=None,
+        random_state=0,
+        verbose=0,
+    ).fit(*digits(64))
+    assert torch.allclose(est.module_.unused.detach(), torch.full((3,), (1 - 0.1 * 0.5) ** 2))
+
+
 # --------------------------------------------------------------------------- workers follow B
 
 

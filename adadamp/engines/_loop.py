@@ -172,19 +172,25 @@ def run_updates(
     so that skorch callbacks that schedule the base rate keep working.
     """
     module, optimizer, config = model.module, model.optimizer, model.config
-    # Gradients live as views of one flat buffer, so backward writes straight
-    # into what is reduced: one reduction per update, no copies. Four extra
-    # slots carry the stop votes, the loss sum and this rank's piece statistics
-    # (sum of |s_i|^2 / b_i, number of pieces).
+    # With several ranks, gradients live as views of one flat buffer, so
+    # backward writes straight into what is reduced: one reduction per
+    # update, no copies. A lone rank reduces nothing: its backward passes
+    # write fresh gradients, as a plain loop's do after zero_grad, with no
+    # pass to zero a buffer before and none to add into it. The buffer's
+    # last four slots (alone, the whole buffer) carry the stop votes, the
+    # loss sum and this rank's piece statistics (sum of |s_i|^2 / b_i,
+    # number of pieces).
     params = [p for p in module.parameters() if p.requires_grad]
-    sizes = [p.numel() for p in params]
+    alone = reducer.world == 1
+    sizes = [0 if alone else p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
     flat = torch.zeros(sum(sizes) + EXTRA_SLOTS, dtype=dtype, device=model.examples.device)
     grads = flat[:-EXTRA_SLOTS]
     votes = 0.0
     needs_stats = config.needs_grad_stats(damper)
-    for p, view in zip(params, torch.split(grads, sizes)):
-        p.grad = view.view_as(p)
+    if not alone:
+        for p, view in zip(params, torch.split(grads, sizes)):
+            p.grad = view.view_as(p)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     n = len(model.examples)
     module.train()
@@ -204,6 +210,9 @@ def run_updates(
                     micro, plan.batch_size, reducer.world == 1, state.model_updates + 1
                 )
             flat.zero_()
+            if alone:
+                for p in params:
+                    p.grad = None
             if stop_vote is not None:
                 flat[VOTE] = stop_vote()
             if hi > lo:
@@ -211,16 +220,20 @@ def run_updates(
                 # that the examples may use to load ahead (a wrong one is dropped).
                 ahead = offset + plan.batch_size
                 upcoming = order[ahead + lo : ahead + hi] if ahead + hi <= n else None
-                norms = _step.PieceNorms(lambda: [grads]) if span else None
+                norms = None
+                if span:
+                    norms = _step.PieceNorms(
+                        (lambda: _step.gradient_tensors(module)) if alone else (lambda: [grads])
+                    )
                 flat[LOSS] = rank_gradient(
-                    model,
-                    order[offset + lo : offset + hi],
-                    upcoming,
-                    norms,
-                    alone=reducer.world == 1,
+                    model, order[offset + lo : offset + hi], upcoming, norms, alone=alone
                 )
                 if norms is not None:
                     flat[PIECE_SQ], flat[PIECES] = norms.result()
+            if alone:  # as the views of several ranks would: zeros, not None, if unused
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             reducer.all_reduce(flat)
             votes = float(flat[VOTE])
             loss, lr, stats = step(
