@@ -261,7 +261,8 @@ def seeded_item(dataset: TorchDataset, seed: int, index: int):
 
 # A loader process's batch under this size travels back by value, in the
 # pipe; a larger one in shared memory, whose hand-over (a file descriptor per
-# tensor, through the loader's resource sharer) costs about a millisecond.
+# tensor, through the loader's resource sharer) cost about half a millisecond
+# per batch of 128 rows of 64 floats here.
 BY_VALUE_BYTES = 4 << 20
 
 
