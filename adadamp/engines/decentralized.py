@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -263,11 +264,16 @@ class DecentralizedEngine(DaskEngine):
 
     def _deliver(self, running: _Running, word: GoOn | None, wait: bool = True) -> None:
         """Give a segment's ranks the client's word (see :mod:`._mailbox`); None ends it."""
+        # Only to workers the scheduler still has: a run on a lost one waits
+        # for its connect timeouts; a rank lost is noticed while waiting for the ranks.
+        present = set(available_workers(self.client))
+        if not present.intersection(running.workers):
+            return
         self.client.run(
             _mailbox.deliver,
             running.token,
             word,
-            workers=running.workers,
+            workers=[w for w in running.workers if w in present],
             wait=wait,
             on_error="return",  # a worker gone is noticed while waiting for the ranks
         )
@@ -289,12 +295,17 @@ class DecentralizedEngine(DaskEngine):
         rank0 = running.workers[0]
         misses, stop_asked = 0, False
         while True:
-            try:
-                got = self.client.run(
-                    _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
-                )[rank0]
-            except Exception:  # rank 0's worker is gone or unreachable: see below
-                got = None
+            gone = set(running.workers) - set(available_workers(self.client))
+            got = None
+            if rank0 in gone:
+                # A run on a worker the scheduler lost waits for its connect
+                # timeouts (a minute): wait one poll instead.
+                time.sleep(LIVENESS_POLL_S)
+            else:
+                with contextlib.suppress(Exception):  # gone since, or unreachable: see below
+                    got = self.client.run(
+                        _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
+                    )[rank0]
             if got is not None:
                 assert isinstance(got, Handoff) and got.epoch == epoch
                 return got
@@ -314,7 +325,6 @@ class DecentralizedEngine(DaskEngine):
             # notice the worker's absence instead of waiting forever. Two
             # polls in a row, so one slow answer from a busy scheduler
             # does not restart a healthy segment.
-            gone = set(running.workers) - set(available_workers(self.client))
             misses = misses + 1 if gone else 0
             if misses >= 2:
                 raise _LostWorkers(RuntimeError(f"worker(s) {sorted(gone)} left the cluster"))
