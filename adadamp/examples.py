@@ -140,7 +140,7 @@ def generators_drawn(dataset: TorchDataset, indices: list[int]) -> tuple[str, ..
             before = _generator_states()
             dataset[index]
             after = _generator_states()
-            drawn |= {name for name in GENERATORS if not _same_state(before[name], after[name])}
+            drawn |= {n for n in GENERATORS if not _SAME_STATE[n](before[n], after[n])}
     return tuple(name for name in GENERATORS if name in drawn)
 
 
@@ -169,7 +169,14 @@ def declared_generators(dataset: TorchDataset) -> tuple[str, ...] | None:
     return tuple(name for name in GENERATORS if name in declared)
 
 
-# How to read and restore each of GENERATORS' state.
+# How to seed, read, restore and compare each of GENERATORS' state. Torch's
+# is seeded through the generator's own manual_seed: torch.manual_seed also
+# seeds every accelerator, a hundred times slower per call.
+_SEED: dict[str, Callable[[int], Any]] = {
+    "torch": torch.default_generator.manual_seed,
+    "numpy": np.random.seed,
+    "random": random.seed,
+}
 _GET_STATE: dict[str, Callable[[], Any]] = {
     "torch": torch.get_rng_state,
     "numpy": np.random.get_state,
@@ -180,29 +187,21 @@ _SET_STATE: dict[str, Callable[[Any], Any]] = {
     "numpy": np.random.set_state,
     "random": random.setstate,
 }
+_SAME_STATE: dict[str, Callable[[Any, Any], bool]] = {
+    "torch": torch.equal,
+    # ("MT19937", keys, position, has_gauss, cached_gaussian): the keys are an array.
+    "numpy": lambda a, b: np.array_equal(a[1], b[1]) and a[0] == b[0] and a[2:] == b[2:],
+    "random": lambda a, b: a == b,
+}
 
 
 def _generator_states(generators: tuple[str, ...] = GENERATORS) -> dict[str, Any]:
     return {name: _GET_STATE[name]() for name in generators}
 
 
-def _same_state(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, tuple) and len(a) == 5 and isinstance(a[1], np.ndarray):  # NumPy's
-        return np.array_equal(a[1], b[1]) and a[0] == b[0] and a[2:] == b[2:]
-    return a == b
-
-
 def _seed_generators(generators: tuple[str, ...], seed: int) -> None:
-    if "torch" in generators:
-        # The generator's own manual_seed: torch.manual_seed also seeds every
-        # accelerator, a hundred times slower per call.
-        torch.default_generator.manual_seed(seed)
-    if "numpy" in generators:
-        np.random.seed(seed)
-    if "random" in generators:
-        random.seed(seed)
+    for name in generators:
+        _SEED[name](seed)
 
 
 class _SeededItems(TorchDataset):
@@ -502,7 +501,12 @@ class DatasetExamples:
                 parts = self._thread.submit(self._load, batches).result()
             else:
                 parts = self._load(batches)
-        X, y = (torch.cat([_as_tensor(a) for a in t]) for t in zip(*parts))
+        # A loader process's parts may come back as NumPy arrays (collate_pairs);
+        # a lone part is used as it is, not copied by a concatenation.
+        X, y = (
+            torch.cat([_as_tensor(a) for a in t]) if len(t) > 1 else _as_tensor(t[0])
+            for t in zip(*parts)
+        )
         return self._cast(X, y)
 
     def _cast(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:

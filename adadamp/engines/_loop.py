@@ -182,9 +182,10 @@ def run_updates(
     # number of pieces).
     params = [p for p in module.parameters() if p.requires_grad]
     alone = reducer.world == 1
-    sizes = [0 if alone else p.numel() for p in params]
+    sizes = [p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
-    flat = torch.zeros(sum(sizes) + EXTRA_SLOTS, dtype=dtype, device=model.examples.device)
+    length = (0 if alone else sum(sizes)) + EXTRA_SLOTS
+    flat = torch.zeros(length, dtype=dtype, device=model.examples.device)
     grads = flat[:-EXTRA_SLOTS]
     votes = 0.0
     needs_stats = config.needs_grad_stats(damper)
@@ -206,9 +207,7 @@ def run_updates(
             span = 0
             if needs_stats:
                 micro = config.worker_max_batch_size
-                span = _step.stats_span(
-                    micro, plan.batch_size, reducer.world == 1, state.model_updates + 1
-                )
+                span = _step.stats_span(micro, plan.batch_size, alone, state.model_updates + 1)
             flat.zero_()
             if alone:
                 for p in params:
