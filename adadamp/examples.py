@@ -13,7 +13,7 @@ import multiprocessing
 import random
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -29,10 +29,10 @@ class Examples(Protocol):
     Implementations must pickle (the Dask engines send them to workers) and
     return tensors on the device given to :meth:`to`. Two methods are
     optional, and called through :func:`prefetch` and :func:`set_epoch`:
-    ``prefetch(indices)``, a cheap hint that the next :meth:`take` will
-    likely ask for ``indices`` (a wrong guess must cost only the work
-    thrown away), and ``set_epoch(epoch)``, the epoch the coming takes
-    belong to.
+    ``prefetch(indices)``, a cheap hint that the coming :meth:`take` calls
+    will likely ask for the rows of ``indices``, in order (a wrong guess
+    must cost only the work thrown away), and ``set_epoch(epoch)``, the
+    epoch the coming takes belong to.
     """
 
     def __len__(self) -> int: ...
@@ -83,7 +83,11 @@ class TensorExamples:
 
 
 def prefetch(examples: Examples, indices: torch.Tensor) -> None:
-    """Tell ``examples`` which indices are likely asked for next (a hint; may be ignored)."""
+    """Tell ``examples`` which indices are likely asked for next (a hint; may be ignored).
+
+    ``indices`` is 2-D, a row per coming :meth:`~Examples.take`, in order,
+    or 1-D for the next take alone.
+    """
     hint = getattr(examples, "prefetch", None)
     if hint is not None:
         hint(indices)
@@ -298,18 +302,64 @@ class _Requests:
     """A batch sampler that yields the batches last asked for.
 
     A persistent ``DataLoader`` re-iterates its batch sampler at every
-    ``iter(loader)``; setting :attr:`batches` first hands its worker
-    processes the next request without starting them again.
+    ``iter(loader)``; setting :attr:`batches` first (any iterable, a lazy
+    one included: the loader draws from it as it sends requests) hands its
+    worker processes the next requests without starting them again.
     """
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
+        self.batches: Iterable[list[tuple[int, int]]] = ()
+        self.count = 0
 
     def __iter__(self):
-        return iter(list(self.batches))
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.count
+
+
+class _Stream:
+    """The coming takes, a row of ``rows`` each, read in order through one loader iterator.
+
+    The loader's batch sampler yields the rows' keys lazily. With loader
+    processes each one reads ``prefetch_factor`` batches ahead on its own,
+    and a take is a ``next`` with no hand-shake; without them, the next
+    row is read on the examples' thread while the current one computes.
+    """
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        epoch: int,
+        thread: concurrent.futures.ThreadPoolExecutor,
+        start: Callable[[Iterable, int], Iterator],
+        read_ahead: bool,
+    ):
+        self.rows, self.epoch, self.taken = rows, epoch, 0
+        self._thread = thread
+        self._iterator = thread.submit(start, self._keys(), len(rows))
+        self._ahead = thread.submit(self._read) if read_ahead else None
+
+    def _keys(self):
+        for row in self.rows:
+            yield [(self.epoch, i) for i in row.tolist()]
+
+    def expects(self, indices: torch.Tensor) -> bool:
+        """Whether ``indices`` is the next take's row."""
+        return self.taken < len(self.rows) and torch.equal(self.rows[self.taken], indices)
+
+    def _read(self) -> Any:
+        return next(self._iterator.result())
+
+    def next_batch(self) -> Any:
+        """The collated batch of the next row (:meth:`expects` said it is asked for)."""
+        self.taken += 1
+        if self._ahead is None:
+            return self._read()
+        batch = self._ahead.result()
+        more = self.taken < len(self.rows)
+        self._ahead = self._thread.submit(self._read) if more else None
+        return batch
 
 
 # Loader settings that DatasetExamples decides itself.
@@ -326,12 +376,15 @@ class DatasetExamples:
     first use (:class:`adadamp.data.NpyDataset`) is read on the worker, only
     for the examples it uses.
 
-    The next update's examples load while the current one computes: in
-    loader processes with ``num_workers >= 1``; without them, on a thread of
-    this process when no global generator needs seeding (no ``seed``, or
-    reads that draw from none), since seeding a global generator on a
-    thread would race with the computation's own draws (dropout); else in
-    the caller, at the take.
+    The next updates' examples load while the current one computes, once
+    the engine's hint (:func:`prefetch`) has named the coming takes: in
+    loader processes with ``num_workers >= 1``, a batch per take, each
+    process reading ahead; without them, on a thread of this process when
+    no global generator needs seeding (no ``seed``, or reads that draw from
+    none), since seeding a global generator on a thread would race with the
+    computation's own draws (dropout); else in the caller, at the take. A
+    take that is not the one named (a loss pass, a batch size that
+    changed) drops what was loaded ahead and is read alone.
 
     Parameters
     ----------
@@ -386,7 +439,7 @@ class DatasetExamples:
         self.epoch = 0
         self._loader: DataLoader | None = None
         self._requests = _Requests()
-        self._pending: tuple[list[list[tuple[int, int]]], concurrent.futures.Future] | None = None
+        self._stream: _Stream | None = None
         # Worker threads of one Dask worker may share these examples.
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -412,7 +465,7 @@ class DatasetExamples:
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the coming takes: it seeds the transforms' draws."""
         if epoch != self.epoch:
-            self._pending = None
+            self._stream = None
         self.epoch = epoch
 
     # ------------------------------------------------------------ loading
@@ -426,7 +479,8 @@ class DatasetExamples:
         return wanted
 
     def _batches(self, indices: torch.Tensor) -> list[list[tuple[int, int]]]:
-        keys = [(self.epoch, int(i)) for i in indices.tolist()]
+        """One take's keys as batches, one per loader process, so that they load in parallel."""
+        keys = [(self.epoch, i) for i in indices.tolist()]
         parts = max(1, min(self.num_workers, len(keys)))
         size = -(-len(keys) // parts)
         return [keys[start : start + size] for start in range(0, len(keys), size)]
@@ -466,41 +520,51 @@ class DatasetExamples:
         """Whether loads run on :attr:`_thread` (see the class's notes on prefetching)."""
         return self.num_workers > 0 or not self.generators
 
+    def _start(self, batches: Iterable[list[tuple[int, int]]], count: int) -> Iterator:
+        """The loader's iterator over ``batches``; run only on :attr:`_thread` when it loads."""
+        self._requests.batches, self._requests.count = batches, count
+        return iter(self._open_loader())
+
     def _load(self, batches: list[list[tuple[int, int]]]) -> list:
         """The collated ``batches``; run only on :attr:`_thread` when it loads."""
-        self._requests.batches = batches
-        iterator = iter(self._open_loader())
+        iterator = self._start(batches, len(batches))
         return [next(iterator) for _ in batches]
 
     @property
     def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
         # One thread loads (or talks to the loader processes), so that the
-        # reads, or the wait for a batch and the loader's hand-shake per
-        # request, happen beside the computation rather than in it. It
-        # seeds no global generator: see _loads_on_thread.
+        # reads, or the loader's hand-shake when a stream starts, happen
+        # beside the computation rather than in it. It seeds no global
+        # generator: see _loads_on_thread.
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, "adadamp-loader")
         return self._executor
 
     def prefetch(self, indices: torch.Tensor) -> None:
-        """Start loading ``indices`` beside the computation, where loads may run on a thread."""
+        """Start loading the coming takes, the rows of ``indices``, beside the computation.
+
+        The rows become a :class:`_Stream` unless the current one already
+        expects the first; a 1-D ``indices`` is one take.
+        """
         if not self._loads_on_thread or not len(indices):
             return
-        batches = self._batches(indices)
+        rows = indices if indices.dim() == 2 else indices.unsqueeze(0)
         with self._lock:
-            # An unused guess is dropped: its results are never read.
-            self._pending = (batches, self._thread.submit(self._load, batches))
+            if self._stream is None or not self._stream.expects(rows[0]):
+                read_ahead = self.num_workers == 0
+                self._stream = _Stream(rows, self.epoch, self._thread, self._start, read_ahead)
 
     def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = self._batches(indices)
         with self._lock:
-            pending, self._pending = self._pending, None
-            if pending is not None and pending[0] == batches:
-                parts = pending[1].result()
-            elif self._loads_on_thread:
-                parts = self._thread.submit(self._load, batches).result()
+            if self._stream is not None and self._stream.expects(indices):
+                parts = [self._stream.next_batch()]
             else:
-                parts = self._load(batches)
+                self._stream = None
+                batches = self._batches(indices)
+                if self._loads_on_thread:
+                    parts = self._thread.submit(self._load, batches).result()
+                else:
+                    parts = self._load(batches)
         # A loader process's parts may come back as NumPy arrays (collate_pairs);
         # a lone part is used as it is, not copied by a concatenation.
         X, y = (
@@ -518,7 +582,7 @@ class DatasetExamples:
 
     def close(self) -> None:
         """Stop the loader processes (they also stop when these examples are collected)."""
-        self._pending, self._loader = None, None
+        self._stream, self._loader = None, None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -527,7 +591,7 @@ class DatasetExamples:
         # Loader processes and their queues belong to this process: a copy
         # (on a Dask worker) starts its own.
         state = self.__dict__.copy()
-        state["_loader"], state["_pending"], state["_requests"] = None, None, _Requests()
+        state["_loader"], state["_stream"], state["_requests"] = None, None, _Requests()
         state["_executor"] = None
         del state["_lock"]
         return state

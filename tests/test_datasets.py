@@ -242,6 +242,39 @@ def test_loader_processes_give_the_same_weights(tmp_path):
     assert len(pids - {os.getpid()}) == 2  # the draws ran in the loader processes
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_takes_named_ahead_and_takes_not_named_read_the_right_examples(num_workers):
+    dataset = Digits()
+    examples = DatasetExamples(dataset, loader_params={"num_workers": num_workers})
+    order = torch.randperm(N)
+    rows = order.unfold(0, 16, 16)  # six takes of 16, named ahead
+    examples.prefetch(rows)
+    asked = [rows[0], rows[1], order[:5], rows[2], rows[4], rows[5]]  # a loss pass, a skip
+    try:
+        for indices in asked:
+            X, y = examples.take(indices)
+            assert torch.equal(X, torch.as_tensor(dataset.X[indices.numpy()]))
+            assert torch.equal(y, torch.as_tensor(dataset.y[indices.numpy()]))
+    finally:
+        examples.close()
+
+
+def test_loader_processes_start_one_request_stream_per_epoch(monkeypatch):
+    from adadamp import examples as examples_module
+
+    starts = []
+    start = examples_module.DatasetExamples._start
+    monkeypatch.setattr(
+        examples_module.DatasetExamples,
+        "_start",
+        lambda self, batches, count: starts.append(count) or start(self, batches, count),
+    )
+    estimator(max_epochs=2, iterator_train__num_workers=1).fit(Digits())
+    # Each epoch's three updates of 32 are asked for once, at its first update,
+    # and each loader process then reads them ahead without a new hand-shake.
+    assert starts == [3, 3]
+
+
 # --------------------------------------------------------------------------- same semantics
 
 

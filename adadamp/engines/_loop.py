@@ -94,23 +94,24 @@ def training_loss(
 def rank_gradient(
     model: RankModel,
     indices: torch.Tensor,
-    upcoming: torch.Tensor | None = None,
+    coming: torch.Tensor | None = None,
     norms: _step.PieceNorms | None = None,
     alone: bool = False,
 ) -> float:
     """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss.
 
-    ``upcoming``, the slice this rank will likely need next, starts loading
-    once this one is in hand, so that it loads while this one computes. With
+    ``coming``, the slices this rank will likely take from this one on (a
+    row each), is handed to the examples first, so that they can load the
+    next ones while this one computes. With
     ``norms``, each micro-batch's gradient norm is taken too (the gradient
     statistics); ``alone`` says this rank holds the whole batch (see
     :func:`~._step.stats_micro_batch`).
     """
     if not len(indices):
         return 0.0
+    if coming is not None:
+        prefetch(model.examples, coming)
     X, y = model.examples.take(indices)
-    if upcoming is not None:
-        prefetch(model.examples, upcoming)
     micro = model.config.worker_max_batch_size
     if norms is not None:
         micro = _step.stats_micro_batch(micro, len(indices), alone)
@@ -215,17 +216,17 @@ def run_updates(
             if stop_vote is not None:
                 flat[VOTE] = stop_vote()
             if hi > lo:
-                # The next update's slice, if its batch size is this one's: a guess
-                # that the examples may use to load ahead (a wrong one is dropped).
-                ahead = offset + plan.batch_size
-                upcoming = order[ahead + lo : ahead + hi] if ahead + hi <= n else None
+                # This update's slice and the coming ones', a row each, if their
+                # batch size is this one's: a guess that the examples may use to
+                # load ahead (a wrong one is dropped).
+                coming = order[offset + lo :].unfold(0, hi - lo, plan.batch_size)
                 norms = None
                 if span:
                     norms = _step.PieceNorms(
                         (lambda: _step.gradient_tensors(module)) if alone else (lambda: [grads])
                     )
                 flat[LOSS] = rank_gradient(
-                    model, order[offset + lo : offset + hi], upcoming, norms, alone=alone
+                    model, order[offset + lo : offset + hi], coming, norms, alone=alone
                 )
                 if norms is not None:
                     flat[PIECE_SQ], flat[PIECES] = norms.result()
