@@ -157,7 +157,9 @@ class DaskEngine(Engine):
         # The workers there now build the model before the first segment
         # (its ranks would wait for the slowest of them anyway); those that
         # join later do it while training goes on.
-        self.warmer = WorkerWarmer(self.client, self.warm_up, (self.payload_ref,), self.fit_id)
+        self.warmer = WorkerWarmer(
+            self.client, self.warm_up, (self.payload_ref, self.payload_future), self.fit_id
+        )
         self.warmer.start()
         try:
             self.warmer.wait(timeout=self.scaler.timeout)

@@ -375,13 +375,13 @@ def _released_check(fit_id: str) -> Callable[[], bool]:
     return given_up
 
 
-def warm_rank(ref: _worker.PayloadRef) -> None:
+def warm_rank(ref: _worker.PayloadRef, payload: _worker.FitPayload) -> None:
     """Build a worker's model for a fit before its first segment.
 
     A task of this module, so that the worker also imports what a rank runs
     (``torch.distributed`` takes seconds to import on a busy machine).
     """
-    _worker.warm(ref)
+    _worker.warm(ref, payload)
 
 
 async def release_rank(fit_id: str) -> None:

@@ -34,7 +34,7 @@ class WorkerWarmer:
     task : callable
         The warm-up, called on the worker as ``task(*args)``.
     args : tuple
-        Its arguments (the payload's handle).
+        Its arguments (the payload's handle and future).
     key_prefix : str
         Prefix of the tasks' keys (the fit's id).
     """
