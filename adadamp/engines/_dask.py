@@ -107,6 +107,7 @@ class DaskEngine(Engine):
     def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
         self.payload_future = None
+        self._payload_sent = None
         self.rescales: list[dict] = []
         self._rescale_began: tuple[dict, float] | None = None
         self.warmer: WorkerWarmer | None = None
@@ -153,14 +154,18 @@ class DaskEngine(Engine):
         self.rescales = []
         self.epochs_run = 0
         self._timed = (0.0, 0)  # (seconds, examples) of the updates finished so far
-        self.ensure_payload()
         # The workers there now build the model before the first segment
         # (its ranks would wait for the slowest of them anyway); those that
-        # join later do it while training goes on.
+        # join later do it while training goes on. The warm-ups are sent
+        # with the payload rather than after its round trip: Dask runs each
+        # once the payload is in place, and a payload that fails fails them.
+        self._payload_sent = self.hold(self._payload)
+        self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
         self.warmer = WorkerWarmer(
-            self.client, self.warm_up, (self.payload_ref, self.payload_future), self.fit_id
+            self.client, self.warm_up, (self.payload_ref, self._payload_sent), self.fit_id
         )
         self.warmer.start()
+        self.ensure_payload()
         try:
             self.warmer.wait(timeout=self.scaler.timeout)
         except Exception as error:
@@ -221,7 +226,7 @@ class DaskEngine(Engine):
         that dies holding it): workers waiting for it would wait forever.
         """
         if self.payload_future is None:
-            future = self.hold(self._payload)
+            future, self._payload_sent = self._payload_sent or self.hold(self._payload), None
             with self.client.as_current():
                 try:
                     wait([future], timeout=PAYLOAD_TIMEOUT_S)
@@ -233,8 +238,6 @@ class DaskEngine(Engine):
                 future.release()
                 raise self._payload_error(error) from error
             self.payload_future = future
-            assert self.fit_id is not None  # start() named the fit
-            self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
             self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
         return self.payload_ref
 
