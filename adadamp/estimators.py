@@ -430,8 +430,9 @@ class _DampedNetMixin:
             for key in gns.HISTORY_KEYS:
                 if key in record.grad_stats:
                     history.record_batch(key, record.grad_stats[key])
-            bar.update(record.batch_size)
-            bar.set_postfix(batch_size=record.batch_size, loss=f"{record.loss:.4g}")
+            if not bar.disable:  # formatting the postfix costs as much as recording
+                bar.update(record.batch_size)
+                bar.set_postfix(batch_size=record.batch_size, loss=f"{record.loss:.4g}")
 
         with bar:
             engine.run_epoch(epoch_index, damper, state, on_update)

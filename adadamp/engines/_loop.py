@@ -29,8 +29,8 @@ from ..state import TrainState
 from . import _step
 from .base import OnUpdate, TrainConfig, UpdateRecord
 
-# The reduced buffer: every gradient, then these slots (indices from its end).
-VOTE, LOSS, PIECE_SQ, PIECES = -4, -3, -2, -1
+# The scalars reduced with the gradients, in the last slots of the reduced buffer.
+VOTE, LOSS, PIECE_SQ, PIECES = range(4)
 EXTRA_SLOTS = 4
 
 
@@ -53,6 +53,19 @@ class Reducer:
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Replace ``tensor`` by its sum over the ranks."""
+
+
+def reduce_update(reducer: Reducer, flat: torch.Tensor, extras: list[float]) -> list[float]:
+    """Sum the gradients (views of ``flat``) and the ``extras`` over the ranks: one reduction.
+
+    A lone rank has nothing to add: its scalars stay Python floats, with no
+    tensor writes and reads per update (a few microseconds each).
+    """
+    if reducer.world == 1:
+        return extras
+    flat[-EXTRA_SLOTS:] = torch.tensor(extras, dtype=flat.dtype, device=flat.device)
+    reducer.all_reduce(flat)
+    return flat[-EXTRA_SLOTS:].tolist()
 
 
 def loss_chunks(
@@ -142,7 +155,7 @@ def step(
     if needs_stats:
         mean_sq = _step.squared_norm(_step.gradient_tensors(model.module)) / plan.batch_size**2
         stats = _step.gradient_stats(mean_sq, piece_sq_sum, pieces, plan.batch_size)
-    _step.apply_update(model.module, model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
+    _step.apply_update(model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
     return loss, lr, stats
 
 
@@ -178,14 +191,13 @@ def run_updates(
     # update, no copies. A lone rank reduces nothing: its backward passes
     # write fresh gradients, as a plain loop's do after zero_grad, with no
     # pass to zero a buffer before and none to add into it. The buffer's
-    # last four slots (alone, the whole buffer) carry the stop votes, the
-    # loss sum and this rank's piece statistics (sum of |s_i|^2 / b_i,
-    # number of pieces).
+    # last four slots carry the stop votes, the loss sum and this rank's
+    # piece statistics (sum of |s_i|^2 / b_i, number of pieces).
     params = [p for p in module.parameters() if p.requires_grad]
     alone = reducer.world == 1
     sizes = [p.numel() for p in params]
     dtype = params[0].dtype if params else torch.float32
-    length = (0 if alone else sum(sizes)) + EXTRA_SLOTS
+    length = 0 if alone else sum(sizes) + EXTRA_SLOTS
     flat = torch.zeros(length, dtype=dtype, device=model.examples.device)
     grads = flat[:-EXTRA_SLOTS]
     votes = 0.0
@@ -209,12 +221,14 @@ def run_updates(
             if needs_stats:
                 micro = config.worker_max_batch_size
                 span = _step.stats_span(micro, plan.batch_size, alone, state.model_updates + 1)
-            flat.zero_()
+            extras = [0.0] * EXTRA_SLOTS
             if alone:
                 for p in params:
                     p.grad = None
+            else:
+                flat.zero_()
             if stop_vote is not None:
-                flat[VOTE] = stop_vote()
+                extras[VOTE] = stop_vote()
             if hi > lo:
                 # This update's slice and the coming ones', a row each, if their
                 # batch size is this one's: a guess that the examples may use to
@@ -225,24 +239,24 @@ def run_updates(
                     norms = _step.PieceNorms(
                         (lambda: _step.gradient_tensors(module)) if alone else (lambda: [grads])
                     )
-                flat[LOSS] = rank_gradient(
+                extras[LOSS] = rank_gradient(
                     model, order[offset + lo : offset + hi], coming, norms, alone=alone
                 )
                 if norms is not None:
-                    flat[PIECE_SQ], flat[PIECES] = norms.result()
+                    extras[PIECE_SQ], extras[PIECES] = norms.result()
             if alone:  # as the views of several ranks would: zeros, not None, if unused
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-            reducer.all_reduce(flat)
-            votes = float(flat[VOTE])
+            extras = reduce_update(reducer, flat, extras)
+            votes = extras[VOTE]
             loss, lr, stats = step(
                 model,
                 plan,
                 state.model_updates + 1,
-                float(flat[LOSS]),
-                float(flat[PIECE_SQ]),
-                float(flat[PIECES]),
+                extras[LOSS],
+                extras[PIECE_SQ],
+                extras[PIECES],
                 base_lrs,
                 needs_stats,
             )

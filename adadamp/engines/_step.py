@@ -187,20 +187,21 @@ def squared_norm(tensors: Sequence[torch.Tensor]) -> float:
 
 
 def apply_update(
-    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     base_lrs: Sequence[float],
     lr_factor: float,
     batch_size: int,
 ) -> None:
-    """Turn the summed gradients in ``p.grad`` into a mean and take one step.
+    """Turn the summed gradients of the optimizer's parameters into a mean and take one step.
 
     Gradients are left in place: callers zero them before the next update
     (the decentralized engine keeps them as views of one flat buffer).
     """
-    for p in module.parameters():
-        if p.grad is not None:
-            p.grad.div_(batch_size)
+    # The optimizer's own list of parameters: walking the module's tree
+    # each update costs as much as the division itself on a small model.
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    grads = [g for g in grads if g is not None]
+    torch._foreach_div_(grads, batch_size)
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_factor
     optimizer.step()
