@@ -330,8 +330,10 @@ class DecentralizedEngine(DaskEngine):
                 raise _LostWorkers(RuntimeError(f"worker(s) {sorted(gone)} left the cluster"))
 
     def close(self) -> None:
+        # The ranks need no word to end: releasing the fit (DaskEngine.close)
+        # wakes and ends them; only their tasks are let go here.
         with contextlib.suppress(Exception):
-            self._end_segment()
+            self._end_segment(ended_itself=True)
         self._held = None
         super().close()
 
