@@ -29,7 +29,7 @@ from torch.optim.lr_scheduler import StepLR
 
 from adadamp import ConvergenceError
 from adadamp.dampers import AdaDamp, GeoDamp, RadaDamp
-from adadamp.engines._worker import data_arrivals
+from adadamp.engines._worker import data_arrivals, fits_held
 from adadamp.estimators import DaskClassifier, DaskRegressor
 
 DASK_BACKENDS = ("centralized", "decentralized")
@@ -263,6 +263,19 @@ def test_training_set_reaches_each_worker_once_per_fit(dask_client, growing_fit)
     arrivals = dask_client.run(data_arrivals, est.fit_id_)
     assert len(arrivals) == 4
     assert set(arrivals.values()) == {1}, arrivals
+
+
+def test_a_finished_fit_leaves_nothing_of_it_on_the_cluster(dask_client, growing_fit):
+    est, _ = growing_fit
+    # Not the payload's name on the scheduler (it would hold the training set
+    # there for good), nor its tasks, nor a worker's model of it.
+    assert not [name for name in dask_client.list_datasets() if est.fit_id_ in name]
+    keys = dask_client.run_on_scheduler(lambda dask_scheduler: list(map(str, dask_scheduler.tasks)))
+    assert not [key for key in keys if est.fit_id_ in key]
+    deadline = time.monotonic() + 10
+    while any(dask_client.run(fits_held).values()):
+        assert time.monotonic() < deadline, dask_client.run(fits_held)
+        time.sleep(0.1)
 
 
 def test_local_fit_has_no_fit_id(local_reference):

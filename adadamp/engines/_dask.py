@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import pickle
 import time
 import uuid
@@ -35,6 +36,8 @@ PAYLOAD_TIMEOUT_S = 60.0
 # A worker holds the payload, its module copy and the update's tensors: the
 # training data may take at most this fraction of its memory limit.
 PAYLOAD_MEMORY_FRACTION = 0.5
+
+logger = logging.getLogger(__name__)
 
 _LAZY_HINT = (
     "pass a dataset that opens its files lazily on the worker instead (such as "
@@ -412,8 +415,11 @@ async def _forget_fit(client: Any, release_fit, fit_id: str, name: str) -> None:
     it without being waited for; a worker keeps no model of a fit released
     before its build finished (:func:`~._worker.worker_model`).
     """
-    await asyncio.gather(
+    outcomes = await asyncio.gather(
         client._run(release_fit, fit_id, wait=False, on_error="ignore"),
-        client.scheduler.publish_delete(name=name),
+        client._unpublish_dataset(name=name),
         return_exceptions=True,
     )
+    for what, outcome in zip(("releasing the workers' models", "unpublishing"), outcomes):
+        if isinstance(outcome, Exception):
+            logger.warning("Ending fit %s, %s failed: %r", fit_id, what, outcome)

@@ -232,6 +232,11 @@ def data_arrivals(fit_id: str) -> int:
     return _ARRIVALS.get(fit_id, 0)
 
 
+def fits_held() -> list[str]:
+    """The fits whose model this worker holds (none, once every fit was released)."""
+    return list(_MODELS)
+
+
 async def release_soon(fit_id: str) -> None:
     """:func:`release`, as a coroutine: ``client.run`` need not wait for it (a busy worker)."""
     release(fit_id)

@@ -214,9 +214,11 @@ class DecentralizedEngine(DaskEngine):
                 _worker.open_rendezvous, start.token, workers=[workers[0]], pure=False
             ).result()
         payload = self.ensure_payload()
-        # A segment's starting state goes to the cluster once; ranks fetch it from there.
-        held = self.hold(start)
-        futures = [
+        # A segment's starting weights go to the cluster once; ranks fetch them
+        # from there. A start without weights (the fit's first segment) is a
+        # few kilobytes: it rides in the ranks' tasks, a round of tasks fewer.
+        held = self.hold(start) if start.module_state is not None else start
+        futures: list = [
             self.client.submit(
                 run_segment,
                 payload,
@@ -230,7 +232,9 @@ class DecentralizedEngine(DaskEngine):
             )
             for rank, address in enumerate(workers)
         ]
-        self._running = _Running(start.token, workers, start.target_workers, [*futures, held])
+        if held is not start:
+            futures.append(held)
+        self._running = _Running(start.token, workers, start.target_workers, futures)
 
     def _segment_workers(self, target: int) -> list[str]:
         """The workers of a new segment that wants ``target`` of them.
