@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
+from ._wire import from_wire, to_wire
+
 
 @runtime_checkable
 class Examples(Protocol):
@@ -82,22 +84,12 @@ class TensorExamples:
         return self.X.device
 
     def __reduce__(self):
-        # Dask pickles NumPy arrays out of band, without copying or scanning
-        # their bytes, but torch tensors in band, through torch's own
-        # serialization, at every hop (client, scheduler, worker): 4 MB of
-        # examples took 33 ms to reach a worker as tensors, 16 as arrays.
-        # Tensors NumPy cannot view (bfloat16, on a GPU) pickle as they are.
-        try:
-            arrays = (self.X.numpy(), self.y.numpy())
-        except (TypeError, RuntimeError):
-            return (TensorExamples, (self.X, self.y))
-        return (_tensor_examples_of_arrays, arrays)
+        # As NumPy arrays, which Dask sends out of band (see adadamp._wire).
+        return (_tensor_examples_of_wire, (to_wire(self.X), to_wire(self.y)))
 
 
-def _tensor_examples_of_arrays(X: np.ndarray, y: np.ndarray) -> TensorExamples:
-    """:class:`TensorExamples` over unpickled arrays (copied only if their buffer is read-only)."""
-    tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (X, y)]
-    return TensorExamples(*tensors)
+def _tensor_examples_of_wire(X: Any, y: Any) -> TensorExamples:
+    return TensorExamples(from_wire(X), from_wire(y))
 
 
 def prefetch(examples: Examples, indices: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._wire import TensorsAsArrays
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule
@@ -37,7 +38,7 @@ RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=10)
 
 
 @dataclass
-class SegmentStart:
+class SegmentStart(TensorsAsArrays):
     """Where a segment begins: identical on every rank."""
 
     epoch: int
@@ -58,7 +59,7 @@ class SegmentStart:
 
 
 @dataclass
-class GoOn:
+class GoOn(TensorsAsArrays):
     """The client's word to every rank of a running segment on its next epoch."""
 
     epoch: int
@@ -69,7 +70,7 @@ class GoOn:
 
 
 @dataclass
-class Handoff:
+class Handoff(TensorsAsArrays):
     """What rank 0 posts at the end of an epoch, or where its segment stops."""
 
     epoch: int
