@@ -21,8 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
-from ._wire import from_wire, to_wire
-
 
 @runtime_checkable
 class Examples(Protocol):
@@ -82,14 +80,6 @@ class TensorExamples:
     @property
     def device(self) -> torch.device:
         return self.X.device
-
-    def __reduce__(self):
-        # As NumPy arrays, which Dask sends out of band (see adadamp._wire).
-        return (_tensor_examples_of_wire, (to_wire(self.X), to_wire(self.y)))
-
-
-def _tensor_examples_of_wire(X: Any, y: Any) -> TensorExamples:
-    return TensorExamples(from_wire(X), from_wire(y))
 
 
 def prefetch(examples: Examples, indices: torch.Tensor) -> None:

@@ -467,24 +467,3 @@ def test_workers_dying_while_loading_the_data_fail_the_fit_within_a_minute(fresh
     with pytest.raises(RuntimeError, match="died while loading.*lazily") as error:
         estimator(backend="decentralized", client=fresh_dask_client).fit(DiesOnWorkers())
     assert time.monotonic() - began < 60, error.value
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_in_memory_examples_travel_to_dask_out_of_band_and_arrive_equal(dtype):
-    from distributed.protocol import pickle as dask_pickle
-
-    X = torch.randn(4096, 64).to(dtype)
-    y = torch.arange(4096)
-    examples = TensorExamples(X, y)
-    buffers: list = []
-    frame = dask_pickle.dumps(examples, buffer_callback=buffers.append, protocol=5)
-    back = dask_pickle.loads(frame, buffers=buffers)
-    assert torch.equal(back.X, X) and torch.equal(back.y, y) and back.X.dtype == dtype
-    if dtype == torch.float32:
-        # NumPy-viewable data leaves the pickle as buffers Dask sends without
-        # a copy; tensors are pickled in band (tens of ms per hop for megabytes).
-        assert len(frame) < 10_000
-        assert sum(memoryview(b).nbytes for b in buffers) == X.nbytes + y.nbytes
-        back.X += 1  # writable, as tensors from a training set are expected to be
-    else:  # NumPy has no bfloat16: pickled as tensors
-        assert len(frame) > X.nbytes

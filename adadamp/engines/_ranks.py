@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._wire import TensorsAsArrays
+from .._wire import TensorsApart
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule
@@ -38,7 +38,7 @@ RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=10)
 
 
 @dataclass
-class SegmentStart(TensorsAsArrays):
+class SegmentStart(TensorsApart):
     """Where a segment begins: identical on every rank."""
 
     epoch: int
@@ -59,7 +59,7 @@ class SegmentStart(TensorsAsArrays):
 
 
 @dataclass
-class GoOn(TensorsAsArrays):
+class GoOn(TensorsApart):
     """The client's word to every rank of a running segment on its next epoch."""
 
     epoch: int
@@ -70,7 +70,7 @@ class GoOn(TensorsAsArrays):
 
 
 @dataclass
-class Handoff(TensorsAsArrays):
+class Handoff(TensorsApart):
     """What rank 0 posts at the end of an epoch, or where its segment stops."""
 
     epoch: int

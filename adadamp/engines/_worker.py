@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._wire import TensorsApart
 from ..examples import Examples, close
 from ._loop import RankModel
 from .base import TrainConfig
@@ -55,7 +56,7 @@ class OptimizerRecipe:
 
 
 @dataclass
-class FitPayload:
+class FitPayload(TensorsApart):
     """Everything a worker needs for a fit, sent once per worker."""
 
     fit_id: str

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import gns
-from .._wire import TensorsAsArrays
+from .._wire import TensorsApart
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule
@@ -37,14 +37,14 @@ from .base import OnUpdate, UpdateRecord
 
 
 @dataclass
-class ServerState(TensorsAsArrays):
+class ServerState(TensorsApart):
     module_state: dict
     optimizer_state: dict
     token: str
 
 
 @dataclass
-class Weights(TensorsAsArrays):
+class Weights(TensorsApart):
     """What gradient tasks need of the server's state: the module's, tagged."""
 
     module_state: dict
