@@ -116,7 +116,12 @@ def available_workers(client: Client) -> list[str]:
         a batch go to the same workers) on every call. Workers that are
         closing are left out.
     """
-    workers = _workers_info(client)
+    return taking_tasks(_workers_info(client))
+
+
+def taking_tasks(workers: dict[str, dict]) -> list[str]:
+    """The addresses, sorted as :func:`available_workers` sorts them, of the scheduler's
+    ``workers`` (its identity's ``"workers"``) that are not closing."""
     running = [addr for addr, info in workers.items() if info.get("status") not in _LEAVING]
     return sorted(running, key=_address_key)
 

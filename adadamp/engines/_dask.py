@@ -20,7 +20,7 @@ from torch import nn
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
 from ..examples import Examples, TensorExamples
-from ..scaling import WorkerScaler
+from ..scaling import WorkerScaler, taking_tasks
 from ..schedule import advance, next_update
 from ..state import TrainState
 from . import _worker
@@ -409,16 +409,22 @@ class DaskEngine(Engine):
 async def _forget_fit(client: Any, release_fit, fit_id: str, name: str) -> None:
     """Make the workers forget a finished fit and the scheduler its payload's name, at once.
 
-    One round trip rather than one each: on a short fit the end's round
-    trips are a measurable part of its wall-clock. ``release_fit`` is a
+    Both at once rather than one after the other: on a short fit the end's
+    round trips are a measurable part of its wall-clock. ``release_fit`` is a
     coroutine, so a worker busy warming up (a GIL-bound import) acknowledges
     it without being waited for; a worker keeps no model of a fit released
     before its build finished (:func:`~._worker.worker_model`).
     """
+
+    async def release() -> None:
+        # Not to workers on their way out: a call to one that no longer
+        # answers waits for the connection timeouts.
+        workers = taking_tasks((await client.scheduler.identity(n_workers=-1))["workers"])
+        if workers:
+            await client._run(release_fit, fit_id, workers=workers, wait=False, on_error="ignore")
+
     outcomes = await asyncio.gather(
-        client._run(release_fit, fit_id, wait=False, on_error="ignore"),
-        client._unpublish_dataset(name=name),
-        return_exceptions=True,
+        release(), client._unpublish_dataset(name=name), return_exceptions=True
     )
     for what, outcome in zip(("releasing the workers' models", "unpublishing"), outcomes):
         if isinstance(outcome, Exception):

@@ -140,20 +140,25 @@ def step(
     pieces: float,
     base_lrs: list[float],
     needs_stats: bool,
+    gradients: list[torch.Tensor] | None = None,
 ) -> tuple[float, float, dict[str, float]]:
     """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
 
     Checks the loss for divergence, computes the gradient statistics (from
     ``piece_sq_sum`` and ``pieces``, see :class:`~._step.PieceNorms`, summed
     over the ranks) and takes the optimizer step. Returns ``(mean loss,
-    learning rate, raw statistics)``.
+    learning rate, raw statistics)``. ``gradients``: the tensors that hold
+    the gradient sum, if the caller has them at hand (default: every
+    parameter's ``grad``).
     """
     loss = loss_sum / plan.batch_size
     lr = base_lrs[0] * plan.lr_factor
     _step.check_finite(loss, update, plan.batch_size, lr)
     stats: dict[str, float] = {}
     if needs_stats:
-        mean_sq = _step.squared_norm(_step.gradient_tensors(model.module)) / plan.batch_size**2
+        if gradients is None:
+            gradients = _step.gradient_tensors(model.module.parameters())
+        mean_sq = _step.squared_norm(gradients) / plan.batch_size**2
         stats = _step.gradient_stats(mean_sq, piece_sq_sum, pieces, plan.batch_size)
     _step.apply_update(model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
     return loss, lr, stats
@@ -237,7 +242,7 @@ def run_updates(
                 norms = None
                 if span:
                     norms = _step.PieceNorms(
-                        (lambda: _step.gradient_tensors(module)) if alone else (lambda: [grads])
+                        (lambda: _step.gradient_tensors(params)) if alone else (lambda: [grads])
                     )
                 extras[LOSS] = rank_gradient(
                     model, order[offset + lo : offset + hi], coming, norms, alone=alone
@@ -259,6 +264,7 @@ def run_updates(
                 extras[PIECES],
                 base_lrs,
                 needs_stats,
+                _step.gradient_tensors(params) if alone else [grads],
             )
             if needs_stats:
                 stats = gns.smoothed(state.grad_stats, stats, max(span, 1))

@@ -10,7 +10,7 @@ the result does not depend on ``P``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -147,9 +147,9 @@ def stats_micro_batch(micro_batch: int | None, n: int, alone: bool) -> int | Non
     return micro_batch
 
 
-def gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The current ``p.grad`` of every parameter, zeros where there is none."""
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+def gradient_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The current ``p.grad`` of each of ``params``, zeros where there is none."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
 def dot_sum(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:

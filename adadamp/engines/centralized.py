@@ -84,9 +84,9 @@ def gradient_task(
     model.optimizer.zero_grad(set_to_none=True)
     norms = None
     if with_pieces and len(indices):
-        norms = _step.PieceNorms(lambda: _step.gradient_tensors(model.module))
+        norms = _step.PieceNorms(lambda: _step.gradient_tensors(model.module.parameters()))
     loss = rank_gradient(model, indices.to(model.examples.device), norms=norms, alone=alone)
-    grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module)]
+    grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module.parameters())]
     piece_sq, pieces = norms.result() if norms is not None else (0.0, 0)
     return grads, loss, piece_sq, pieces
 
