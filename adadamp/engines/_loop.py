@@ -264,7 +264,7 @@ def run_updates(
                 extras[PIECES],
                 base_lrs,
                 needs_stats,
-                _step.gradient_tensors(params) if alone else [grads],
+                (_step.gradient_tensors(params) if alone else [grads]) if needs_stats else None,
             )
             if needs_stats:
                 stats = gns.smoothed(state.grad_stats, stats, max(span, 1))
