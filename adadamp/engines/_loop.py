@@ -205,6 +205,11 @@ def run_updates(
     length = 0 if alone else sum(sizes) + EXTRA_SLOTS
     flat = torch.zeros(length, dtype=dtype, device=model.examples.device)
     grads = flat[:-EXTRA_SLOTS]
+
+    def gradients() -> list[torch.Tensor]:
+        """The tensors holding this rank's gradient sum (the reduced one, after the reduction)."""
+        return _step.gradient_tensors(params) if alone else [grads]
+
     votes = 0.0
     needs_stats = config.needs_grad_stats(damper)
     if not alone:
@@ -241,9 +246,7 @@ def run_updates(
                 coming = order[offset + lo :].unfold(0, hi - lo, plan.batch_size)
                 norms = None
                 if span:
-                    norms = _step.PieceNorms(
-                        (lambda: _step.gradient_tensors(params)) if alone else (lambda: [grads])
-                    )
+                    norms = _step.PieceNorms(gradients)
                 extras[LOSS] = rank_gradient(
                     model, order[offset + lo : offset + hi], coming, norms, alone=alone
                 )
@@ -264,7 +267,7 @@ def run_updates(
                 extras[PIECES],
                 base_lrs,
                 needs_stats,
-                (_step.gradient_tensors(params) if alone else [grads]) if needs_stats else None,
+                gradients() if needs_stats else None,
             )
             if needs_stats:
                 stats = gns.smoothed(state.grad_stats, stats, max(span, 1))
