@@ -179,7 +179,7 @@ class DecentralizedEngine(DaskEngine):
             self.note_rescale(
                 state.model_updates, len(self._running.workers), handoff.wanted_workers
             )
-            self._end_segment(ended_itself=True)
+            self._end_segment(tell_ranks=False)
             target = handoff.wanted_workers
             self.plan_ahead(damper, state, offset)
         self.adopt_state(module_state, optimizer_state)
@@ -282,12 +282,16 @@ class DecentralizedEngine(DaskEngine):
             on_error="return",  # a worker gone is noticed while waiting for the ranks
         )
 
-    def _end_segment(self, ended_itself: bool = False) -> None:
-        """Stop the running segment's ranks (unless they ended it) and release its tasks."""
+    def _end_segment(self, tell_ranks: bool = True) -> None:
+        """Release the running segment's tasks, first telling its ranks to end (``tell_ranks``).
+
+        No word is needed when the ranks ended the segment themselves, or
+        when the fit's release (:meth:`close`) ends them.
+        """
         running, self._running = self._running, None
         if running is None:
             return
-        if not ended_itself:
+        if tell_ranks:
             with contextlib.suppress(Exception):
                 self._deliver(running, None, wait=False)
         self.client.cancel(running.futures)
@@ -337,7 +341,7 @@ class DecentralizedEngine(DaskEngine):
         # The ranks need no word to end: releasing the fit (DaskEngine.close)
         # wakes and ends them; only their tasks are let go here.
         with contextlib.suppress(Exception):
-            self._end_segment(ended_itself=True)
+            self._end_segment(tell_ranks=False)
         self._held = None
         super().close()
 
