@@ -31,7 +31,13 @@ engines, over the whole fit; rank 0 for DDP) per update.
 
 All Dask runs share one ``LocalCluster`` (worker processes, one thread each)
 and its client, scaled to the worker count before each fit, untimed; the
-estimators get ``min_workers = max_workers``. ``--worker-mallopt`` is a
+estimators get ``min_workers = max_workers``. Before every timed run (each
+engine, DDP's ranks too) this process collects its garbage and freezes
+what it holds, untimed, as ``adadamp compare`` does before each of its runs
+(:func:`adadamp.experiments.runtime.freeze_what_is_held`): a full
+collection of this process, which also runs the cluster's scheduler, took
+150 to 310 ms and landed in whichever run was training.
+``--worker-mallopt`` is a
 diagnostic: it undoes, in the Dask workers, the ``MALLOC_TRIM_THRESHOLD_``
 that Dask's nanny sets (see :func:`glibc_mallopt`).
 
@@ -65,6 +71,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from adadamp.experiments.runtime import freeze_what_is_held
 
 # adadamp and distributed are imported where they are used: the DDP ranks
 # import this module when they start and need neither.
@@ -228,6 +236,7 @@ def _train_plain(
 
 def run_plain(hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
+    freeze_what_is_held()
     faults = minor_faults()
     began = time.perf_counter()
     torch.manual_seed(0)
@@ -249,6 +258,7 @@ def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: s
     results = {}
     try:
         for name, (hidden, X, y, epochs) in jobs.items():
+            freeze_what_is_held()
             dist.barrier()
             faults = minor_faults()
             began = time.perf_counter()
@@ -338,6 +348,7 @@ def run_estimator(
         return minor_faults() if backend == "local" else sum(client.run(minor_faults).values())
 
     torch.manual_seed(0)
+    freeze_what_is_held()
     faults_before = faults()
     began = time.perf_counter()
     est.fit(X, y)
