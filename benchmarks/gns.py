@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from overhead import BATCH_SIZE, LR, MLP, SIZES, make_data, scale_cluster, steady
 
+from adadamp.experiments.runtime import freeze_what_is_held
+
 RESULTS = Path(__file__).resolve().parent / "results" / "gns.json"
 FULL = {"small": (60, 3), "large": (16, 3)}
 QUICK = {"small": (12, 2)}
@@ -68,6 +70,7 @@ def run(hidden, X, y, epochs: int, backend: str, workers: int, client, stats: bo
         **kwargs,
     )
     torch.manual_seed(0)
+    freeze_what_is_held()  # untimed, as in overhead.py: no full collection inside a fit
     est.fit(X, y)
     batches = est.history_[:, "batches"]
     if stats != any("gns_trace" in u for epoch in batches for u in epoch):
