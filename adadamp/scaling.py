@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing distributed is slow; workers_for does not need it
@@ -90,15 +91,37 @@ def _address_key(address: str) -> tuple[str, str, int, str]:
         return "", address, 0, address
 
 
-def _workers_info(client: Client) -> dict[str, dict]:
+# Seconds one answer of the scheduler about its workers serves: an engine
+# asks several times per step (a dozen times as a fit starts), each a round
+# trip to the scheduler of about a millisecond on one machine, more on a
+# network; a worker that joins or leaves is seen at most this much later.
+WORKERS_INFO_MAX_AGE_S = 0.05
+
+# client -> (when asked, the scheduler's answer)
+_workers_answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def workers_info(client: Client) -> dict[str, dict]:
     """The scheduler's workers, all of them, asked of the scheduler itself.
 
     ``client.scheduler_info()`` can answer from a cache that the client
     refreshes in the background without per-worker entries, so it sometimes
     lists no workers at all; the engines would then see a healthy cluster as
-    empty.
+    empty. An answer younger than :data:`WORKERS_INFO_MAX_AGE_S` is reused
+    (:func:`forget_workers_info` drops it). Callers must not modify it.
     """
-    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    asked = time.monotonic()
+    answer = _workers_answers.get(client)
+    if answer is not None and asked - answer[0] < WORKERS_INFO_MAX_AGE_S:
+        return answer[1]
+    workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    _workers_answers[client] = (asked, workers)
+    return workers
+
+
+def forget_workers_info(client: Client) -> None:
+    """Make the next :func:`workers_info` ask the scheduler (its workers were just changed)."""
+    _workers_answers.pop(client, None)
 
 
 def available_workers(client: Client) -> list[str]:
@@ -116,7 +139,7 @@ def available_workers(client: Client) -> list[str]:
         a batch go to the same workers) on every call. Workers that are
         closing are left out.
     """
-    return taking_tasks(_workers_info(client))
+    return taking_tasks(workers_info(client))
 
 
 def taking_tasks(workers: dict[str, dict]) -> list[str]:
@@ -294,12 +317,15 @@ class WorkerScaler:
         before = len(available_workers(self.client))
         assert self.handle.cluster is not None  # can_scale said so
         self.handle.cluster.scale(size)
+        forget_workers_info(self.client)
         try:
             if until is not None:
                 self.client.wait_for_workers(until, timeout=self.timeout)
+                forget_workers_info(self.client)  # read while they joined, by another thread
                 return
             if size > before:
                 self.client.wait_for_workers(size, timeout=self.timeout)
+                forget_workers_info(self.client)
             # Growing may overshoot while workers from an earlier shrink are
             # still leaving; shrinking ends when the leavers are gone. Both:
             # wait for the exact count.
@@ -321,6 +347,7 @@ class WorkerScaler:
             return have
         try:
             self.client.wait_for_workers(1, timeout=self.timeout)
+            forget_workers_info(self.client)
         except TimeoutError:
             raise TimeoutError(
                 f"the Dask cluster at {self.client.scheduler.address} has no worker after "
