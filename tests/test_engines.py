@@ -273,14 +273,15 @@ def test_a_finished_fit_leaves_nothing_of_it_on_the_cluster(dask_client, growing
     est, _ = growing_fit
     # Not the payload's name on the scheduler (it would hold the training set
     # there for good), nor its tasks, nor a worker's model of it.
-    assert not [name for name in dask_client.list_datasets() if est.fit_id_ in name]
 
-    def left() -> tuple[list, dict]:
+    def left() -> tuple[list, list, dict]:
+        names = [name for name in dask_client.list_datasets() if est.fit_id_ in name]
         keys = dask_client.run_on_scheduler(_scheduler_keys)
         models = {w: fits for w, fits in dask_client.run(fits_held).items() if fits}
-        return [key for key in keys if est.fit_id_ in key], models
+        return names, [key for key in keys if est.fit_id_ in key], models
 
-    # Futures are let go, and workers forget, in messages the fit does not wait for.
+    # Names are unpublished, futures let go and workers forget in messages
+    # the fit does not wait for.
     deadline = time.monotonic() + 10
     while any(left()):
         assert time.monotonic() < deadline, left()

@@ -20,7 +20,7 @@ from torch import nn
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
 from ..examples import Examples, TensorExamples
-from ..scaling import WorkerScaler, taking_tasks
+from ..scaling import WorkerScaler, taking_tasks, workers_info
 from ..schedule import advance, next_update
 from ..state import TrainState
 from . import _worker
@@ -115,6 +115,7 @@ class DaskEngine(Engine):
         self.rescales: list[dict] = []
         self._rescale_began: tuple[dict, float] | None = None
         self.warmer: WorkerWarmer | None = None
+        self._embedded = False
 
     def start(
         self,
@@ -141,6 +142,7 @@ class DaskEngine(Engine):
             )
         )
         self.client = handle.client
+        self._embedded = handle.embedded
         self.check_fits_in_workers(examples)
         self.scaler = WorkerScaler(handle)
         # A fit grows the cluster it is given as it needs, and shrinks it no
@@ -179,7 +181,7 @@ class DaskEngine(Engine):
         """Raise before placing the payload when its data would not fit in a worker's memory."""
         limits = {
             address: info.get("memory_limit") or 0
-            for address, info in self.client.scheduler_info()["workers"].items()
+            for address, info in workers_info(self.client).items()
         }
         limited = {a: m for a, m in limits.items() if m}
         if not limited:
@@ -393,9 +395,17 @@ class DaskEngine(Engine):
     def close(self) -> None:
         try:
             if self.payload_future is not None:
+                # The workers forget the fit, which also wakes ranks waiting
+                # for a word. On a cluster that stays, in messages the fit
+                # does not wait for: on a short fit, waiting for them is a
+                # measurable part of its wall-clock. An embedded cluster is
+                # closed below, and its workers close sooner with their ranks woken.
+                forget = (self.client, self.release_fit, self.fit_id, self.payload_ref.name)
                 with contextlib.suppress(Exception):
-                    name = self.payload_ref.name
-                    self.client.sync(_forget_fit, self.client, self.release_fit, self.fit_id, name)
+                    if self._embedded:
+                        self.client.sync(_forget_fit, *forget)
+                    else:
+                        self.client.loop.add_callback(_forget_fit, *forget)
                 self.payload_future.release()
                 self.payload_future = None
         finally:
@@ -407,10 +417,9 @@ class DaskEngine(Engine):
 
 
 async def _forget_fit(client: Any, release_fit, fit_id: str, name: str) -> None:
-    """Make the workers forget a finished fit and the scheduler its payload's name, at once.
+    """Make the workers forget a finished fit and the scheduler its payload's name.
 
-    Both at once rather than one after the other: on a short fit the end's
-    round trips are a measurable part of its wall-clock. ``release_fit`` is a
+    Both at once rather than one after the other. ``release_fit`` is a
     coroutine, so a worker busy warming up (a GIL-bound import) acknowledges
     it without being waited for; a worker keeps no model of a fit released
     before its build finished (:func:`~._worker.worker_model`).

@@ -282,11 +282,13 @@ class DecentralizedEngine(DaskEngine):
             on_error="return",  # a worker gone is noticed while waiting for the ranks
         )
 
-    def _end_segment(self, tell_ranks: bool = True) -> None:
-        """Release the running segment's tasks, first telling its ranks to end (``tell_ranks``).
+    def _end_segment(self, tell_ranks: bool = True, wait: bool = True) -> None:
+        """Cancel the running segment's tasks, first telling its ranks to end (``tell_ranks``).
 
         No word is needed when the ranks ended the segment themselves, or
-        when the fit's release (:meth:`close`) ends them.
+        when the fit's release (:meth:`close`) ends them. ``wait=False``
+        lets the tasks go without waiting for the scheduler: their ranks
+        end when the fit is released.
         """
         running, self._running = self._running, None
         if running is None:
@@ -294,7 +296,11 @@ class DecentralizedEngine(DaskEngine):
         if tell_ranks:
             with contextlib.suppress(Exception):
                 self._deliver(running, None, wait=False)
-        self.client.cancel(running.futures)
+        if wait:
+            self.client.cancel(running.futures)
+        else:
+            for future in running.futures:
+                future.release()
 
     def _await_handoff(self, epoch: int) -> Handoff:
         """Wait for rank 0's hand-off of ``epoch``; a failed rank or a lost worker ends it."""
@@ -339,9 +345,10 @@ class DecentralizedEngine(DaskEngine):
 
     def close(self) -> None:
         # The ranks need no word to end: releasing the fit (DaskEngine.close)
-        # wakes and ends them; only their tasks are let go here.
+        # wakes and ends them, as does closing an embedded cluster; only
+        # their tasks are let go here.
         with contextlib.suppress(Exception):
-            self._end_segment(tell_ranks=False)
+            self._end_segment(tell_ranks=False, wait=False)
         self._held = None
         super().close()
 
