@@ -419,3 +419,42 @@ def test_available_workers_sorted_by_numeric_port(client):
     assert available_workers(client) == sorted(
         client.scheduler_info(n_workers=-1)["workers"], key=_address_key
     )
+
+
+class _CountingClient:
+    """A client whose scheduler answers ``identity`` with one worker and counts the asks."""
+
+    def __init__(self):
+        self.asked = 0
+        self.scheduler = self  # client.scheduler.identity is what is synced
+
+    def identity(self, n_workers):
+        return {"workers": {"tcp://127.0.0.1:1": {}}}
+
+    def sync(self, method, **kwargs):
+        self.asked += 1
+        return method(**kwargs)
+
+
+def test_workers_info_asks_the_scheduler_again_only_when_its_answer_is_old(monkeypatch):
+    from types import SimpleNamespace
+
+    from adadamp import scaling
+
+    now = [1000.0]
+    monkeypatch.setattr(scaling, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    client = _CountingClient()
+    for _ in range(3):
+        assert available_workers(client) == ["tcp://127.0.0.1:1"]
+    assert client.asked == 1
+    now[0] += 1.5 * scaling.WORKERS_INFO_MAX_AGE_S
+    scaling.workers_info(client)
+    assert client.asked == 2
+    # After the cluster was scaled, the next look asks at once.
+    scaling.forget_workers_info(client)
+    scaling.workers_info(client)
+    assert client.asked == 3
+    # Each client has its own answer.
+    other = _CountingClient()
+    scaling.workers_info(other)
+    assert (client.asked, other.asked) == (3, 1)
