@@ -216,7 +216,9 @@ class _SeededItems(TorchDataset):
     draws the same values for the same (seed, epoch, example) on any rank,
     worker or loader process, and the rest of the program sees its
     generators untouched. With ``seed=None``, or no generator to seed, the
-    item is read as it is.
+    items are read as they are: in one call of the dataset's own
+    ``__getitems__`` if it has one (as a ``DataLoader`` reads a batch), else
+    one ``dataset[i]`` each.
     """
 
     def __init__(self, dataset: TorchDataset, seed: int | None, generators: tuple[str, ...]):
@@ -232,7 +234,11 @@ class _SeededItems(TorchDataset):
         # A DataLoader fetches a whole batch through this: the generators are
         # saved and restored once per batch (saving NumPy's costs ~0.1 ms).
         if self.seed is None or not self.generators:
-            return [self.dataset[index] for _, index in keys]
+            indices = [index for _, index in keys]
+            read_batch = getattr(self.dataset, "__getitems__", None)
+            if callable(read_batch):
+                return list(read_batch(indices))
+            return [self.dataset[index] for index in indices]
         seed, generators = self.seed, self.generators
         with _restored_generators(generators):
             return [

@@ -278,6 +278,28 @@ def test_loader_processes_start_one_request_stream_per_epoch(monkeypatch):
 # --------------------------------------------------------------------------- same semantics
 
 
+class BatchReads(Digits):
+    """A dataset that reads a batch at once (``__getitems__``, as a DataLoader calls it)."""
+
+    def __init__(self, n: int = N):
+        super().__init__(n)
+        self.batches: list[int] = []  # the size of each batch read
+
+    def __getitems__(self, indices: list[int]) -> list:
+        self.batches.append(len(indices))
+        return list(zip(self.X[indices], self.y[indices]))
+
+
+def test_a_dataset_that_reads_batches_is_read_a_batch_per_update():
+    X, y = digits(N)
+    arrays = estimator().fit(X, y)
+    data = BatchReads()
+    est = estimator().fit(data)
+    assert max_diff(arrays, est) < 1e-6
+    updates = [u["train_batch_size"] for epoch in est.history_[:, "batches"] for u in epoch]
+    assert data.batches == updates
+
+
 def test_dataset_trains_as_the_same_arrays():
     X, y = digits(N)
     arrays = estimator().fit(X, y)
