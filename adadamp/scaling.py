@@ -320,12 +320,10 @@ class WorkerScaler:
         forget_workers_info(self.client)
         try:
             if until is not None:
-                self.client.wait_for_workers(until, timeout=self.timeout)
-                forget_workers_info(self.client)  # read while they joined, by another thread
+                self._wait_for_workers(until)
                 return
             if size > before:
-                self.client.wait_for_workers(size, timeout=self.timeout)
-                forget_workers_info(self.client)
+                self._wait_for_workers(size)
             # Growing may overshoot while workers from an earlier shrink are
             # still leaving; shrinking ends when the leavers are gone. Both:
             # wait for the exact count.
@@ -341,13 +339,21 @@ class WorkerScaler:
                 "or check that it has the cores and memory for that many workers (see its logs)"
             ) from None
 
+    def _wait_for_workers(self, n_workers: int) -> None:
+        """Wait for the cluster to have ``n_workers``, within :attr:`timeout`.
+
+        Then forget the scheduler's last answer about its workers: another
+        thread (the warm-ups') may have read it while they joined.
+        """
+        self.client.wait_for_workers(n_workers, timeout=self.timeout)
+        forget_workers_info(self.client)
+
     def _count_or_wait_for_one(self) -> int:
         have = len(available_workers(self.client))
         if have:
             return have
         try:
-            self.client.wait_for_workers(1, timeout=self.timeout)
-            forget_workers_info(self.client)
+            self._wait_for_workers(1)
         except TimeoutError:
             raise TimeoutError(
                 f"the Dask cluster at {self.client.scheduler.address} has no worker after "
