@@ -334,6 +334,10 @@ def _adaptive_fit(params: dict, backend: str, client=None) -> DaskRegressor:
 
 @pytest.mark.parametrize("name", DAMPERS)
 def test_adaptive_damper_agrees_across_ranks(dask_client, name):
+    # An adaptive fit trains on the workers present while more start, and
+    # this one is over before a new worker process is up: start them first.
+    dask_client.cluster.scale(2)
+    dask_client.wait_for_workers(2)
     local = _adaptive_fit(DAMPERS[name], "local")
     dist = _adaptive_fit(DAMPERS[name], "decentralized", dask_client)
     sizes = updates(local, "train_batch_size")
