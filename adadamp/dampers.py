@@ -44,6 +44,10 @@ class BaseDamper:
       evaluates over the training set whenever :meth:`loss_due` says so.
     - ``needs_grad_stats``: the damper reads ``state.last_loss`` and
       ``state.grad_stats`` of the previous update.
+    - ``needs_grad_norm``: with ``needs_grad_stats``, it reads
+      ``grad_stats["grad_sq_norm"]`` after every update. Otherwise a lone rank
+      computes the statistics only on the updates that estimate the noise
+      scale (:func:`adadamp.engines._step.stats_span`).
     - ``adaptive``: the batch sizes depend on the model (so an engine cannot
       plan several updates ahead).
     - ``loss_fraction``: with ``needs_loss``, the share of the training set
@@ -60,6 +64,7 @@ class BaseDamper:
 
     needs_loss: bool = False
     needs_grad_stats: bool = False
+    needs_grad_norm: bool = False
     adaptive: bool = False
     loss_fraction: float = 1.0
     """With ``needs_loss``: the fraction of the training set the loss is estimated on."""
@@ -428,6 +433,10 @@ class RadaDamp(BaseDamper):
                 f"{owner}: signal must be one of {', '.join(map(repr, self.signals))}, "
                 f"got {self.signal!r}."
             )
+
+    @property
+    def needs_grad_norm(self) -> bool:  # type: ignore[override]
+        return self.signal == "grad_norm"
 
     def _read_signal(self, state: TrainState) -> float | None:
         if state.last_loss is None:

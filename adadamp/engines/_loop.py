@@ -258,6 +258,7 @@ def run_updates(
                         p.grad = torch.zeros_like(p)
             extras = reduce_update(reducer, flat, extras)
             votes = extras[VOTE]
+            computes_stats = config.computes_stats(damper, span)
             loss, lr, stats = step(
                 model,
                 plan,
@@ -266,8 +267,8 @@ def run_updates(
                 extras[PIECE_SQ],
                 extras[PIECES],
                 base_lrs,
-                needs_stats,
-                gradients() if needs_stats else None,
+                computes_stats,
+                gradients() if computes_stats else None,
             )
             if needs_stats:
                 stats = gns.smoothed(state.grad_stats, stats, max(span, 1))

@@ -35,6 +35,16 @@ class TrainConfig:
         """Whether updates compute the gradient statistics: the damper or AdaScale reads them."""
         return damper.needs_grad_stats or self.lr_scaling == "adascale"
 
+    def computes_stats(self, damper: BaseDamper, span: int) -> bool:
+        """Whether an update whose estimates stand for ``span`` updates computes the statistics.
+
+        A lone rank between its splits (``span`` 0, see
+        :func:`~adadamp.engines._step.stats_span`) estimates nothing, and the
+        squared norm of its gradient would cost 4% of a small model's update
+        for a value only a damper with ``needs_grad_norm`` reads.
+        """
+        return self.needs_grad_stats(damper) and (span > 0 or damper.needs_grad_norm)
+
     def plans_read_model(self, damper: BaseDamper) -> bool:
         """Whether an update's plan depends on the updates before it (no planning ahead)."""
         return damper.adaptive or self.lr_scaling == "adascale"

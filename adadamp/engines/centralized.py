@@ -233,7 +233,7 @@ class CentralizedEngine(DaskEngine):
                 plan,
                 state.model_updates + 1,
                 base_lrs,
-                needs_stats,
+                config.computes_stats(damper, span),
                 *grads,
                 workers=[workers[0]],
                 allow_other_workers=True,
