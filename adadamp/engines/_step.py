@@ -71,33 +71,31 @@ class PieceNorms:
     size. The gradients are read through ``tensors`` (called anew per piece:
     ``p.grad`` may only be allocated by the first backward pass) and must be
     zero when the first piece starts. With ``g_i`` the gradients after piece
-    ``i``, ``|s_i|^2 = |g_i|^2 - 2 g_i . g_(i-1) + |g_(i-1)|^2``: two dot
-    products per piece and a copy of ``g_i`` for the next one (none after
-    the last), nothing per example.
+    ``i``, ``s_i = g_i - g_(i-1)``: the copy of ``g_(i-1)`` kept for it
+    becomes ``-s_i`` in place, then ``g_i`` for the next piece (no copy after
+    the last), nothing per example. Subtracting before the norm is exact
+    where expanding ``|g_i - g_(i-1)|^2`` into dot products cancels, and
+    takes two fused operators where a dot product per tensor took one call
+    each (about 170 to 110 µs for two pieces of benchmarks' small MLP).
     """
 
     def __init__(self, tensors: Callable[[], Sequence[torch.Tensor]]):
         self.tensors = tensors
         self.previous: list[torch.Tensor] | None = None  # g_(i-1); None: all zeros
-        self.previous_sq: torch.Tensor | float = 0.0
         self.count = 0
         self.sq_sum: torch.Tensor | float = 0.0
 
     def __call__(self, size: int, last: bool = False) -> None:
         now = [t.detach().reshape(-1) for t in self.tensors()]
-        now_sq = squared_norm_sum(now)
-        piece_sq = now_sq
-        if self.previous is not None:
-            cross = dot_sum(now, self.previous)
-            # Rounding can take a tiny piece below zero; a squared norm is not.
-            piece_sq = torch.clamp(torch.as_tensor(now_sq - 2 * cross + self.previous_sq), min=0.0)
-        if not last:
-            if self.previous is None:
+        if self.previous is None:
+            piece_sq = squared_norm_sum(now)
+            if not last:
                 self.previous = [t.clone() for t in now]
-            else:
-                for p, t in zip(self.previous, now):
-                    p.copy_(t)
-            self.previous_sq = now_sq
+        else:
+            torch._foreach_sub_(self.previous, now)  # now -s_i
+            piece_sq = squared_norm_sum(self.previous)
+            if not last:
+                torch._foreach_copy_(self.previous, now)
         # Kept as a tensor: no device sync per piece.
         self.sq_sum = self.sq_sum + piece_sq / size
         self.count += 1
@@ -150,21 +148,6 @@ def stats_micro_batch(micro_batch: int | None, n: int, alone: bool) -> int | Non
 def gradient_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The current ``p.grad`` of each of ``params``, zeros where there is none."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def dot_sum(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_i xs[i] . ys[i]`` in float64, as a tensor (no device sync).
-
-    A dot product per tensor: no float64 copy of a large model's gradients.
-    """
-    zero = torch.zeros((), dtype=torch.float64)  # a 0-d CPU start adds to tensors on any device
-    return sum(
-        (
-            torch.dot(x.detach().reshape(-1), y.detach().reshape(-1)).double()
-            for x, y in zip(xs, ys)
-        ),
-        zero,
-    )
 
 
 def squared_norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
