@@ -16,6 +16,16 @@ records over every epoch but the first, each epoch's first update left out:
 ``overhead.steady``), the median over ``--repeats`` interleaved repeats.
 Target (reported, not asserted): under 5% on 1 and 2 workers.
 
+Beside it, a diagnostic that this machine's noise does not swamp (whole
+fits of the same code vary by 10 to 20% here): the statistics' own work,
+timed alone in this process with the package's functions, per update of
+``BATCH_SIZE`` examples. On a rank of two, one piece's norm, the reduced
+gradient's norm and the averages (``rank_of_two``); on a lone rank, an
+update that estimates computes its batch in two halves and their norms, so
+the figure is that update's extra time over a whole one, spread over
+``SPLIT_EVERY`` updates (``lone_rank``). Each is also given as a share of
+the fits' update time with the statistics off.
+
 Run from the repository root::
 
     python benchmarks/gns.py --quick   # smoke run: small model, 1 repeat (< 1 minute)
@@ -32,12 +42,15 @@ import logging
 import statistics
 import sys
 import time
+import timeit
 import warnings
 from pathlib import Path
 
 import torch
 from overhead import BATCH_SIZE, LR, MLP, SIZES, make_data, scale_cluster, steady
 
+from adadamp import gns
+from adadamp.engines import _step
 from adadamp.experiments.runtime import freeze_what_is_held
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gns.json"
@@ -76,6 +89,49 @@ def run(hidden, X, y, epochs: int, backend: str, workers: int, client, stats: bo
     if stats != any("gns_trace" in u for epoch in batches for u in epoch):
         raise RuntimeError(f"statistics {'missing' if stats else 'computed'} in a fit")
     return statistics.fmean(steady([[u["duration"] for u in epoch] for epoch in batches]))
+
+
+def _best_seconds(fn, number: int = 50, repeat: int = 15) -> float:
+    """The least time of one call over ``repeat`` rounds: noise only ever adds."""
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number
+
+
+def statistics_work(hidden, X, y) -> dict[str, float]:
+    """Seconds per update that the statistics add, timed alone (see the module docstring)."""
+    module = MLP(hidden=hidden)
+    criterion = torch.nn.CrossEntropyLoss()
+    params = list(module.parameters())
+    X, y = torch.from_numpy(X[:BATCH_SIZE]), torch.from_numpy(y[:BATCH_SIZE])
+    averages = gns.smoothed({}, {"gns_grad_sq": 1.0, "gns_trace": 100.0})
+
+    def gradient(micro: int | None, norms=None) -> None:
+        for p in params:
+            p.grad = None
+        _step.accumulate_gradient_sum(module, criterion, X, y, micro, norms)
+
+    def finish(piece_sq: float, pieces: int, tensors) -> None:
+        mean_sq = _step.squared_norm(tensors) / BATCH_SIZE**2
+        raw = _step.gradient_stats(mean_sq, piece_sq, pieces, BATCH_SIZE)
+        gns.lr_gain("adascale", BATCH_SIZE, BATCH_SIZE, gns.smoothed(averages, raw))
+
+    def split() -> None:
+        norms = _step.PieceNorms(lambda: _step.gradient_tensors(params))
+        gradient(BATCH_SIZE // 2, norms)
+        finish(*norms.result(), _step.gradient_tensors(params))
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def rank_of_two() -> None:
+        norms = _step.PieceNorms(lambda: [flat])
+        norms(BATCH_SIZE // 2, last=True)
+        piece_sq, pieces = norms.result()
+        finish(2 * piece_sq, 2 * pieces, [flat])  # the other rank's piece, as if alike
+
+    whole = _best_seconds(lambda: gradient(None))
+    return {
+        "lone_rank": (_best_seconds(split) - whole) / _step.SPLIT_EVERY,
+        "rank_of_two": _best_seconds(rank_of_two),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,6 +185,20 @@ def main(argv: list[str] | None = None) -> dict:
         name: statistics.median(on / off - 1 for off, on in zip(t[False], t[True]))
         for name, t in times.items()
     }
+    work = {size: statistics_work(SIZES[size], *data[size]) for size in plan}
+    work_ms = {f"{kind}_{size}": 1e3 * w[kind] for size, w in work.items() for kind in w}
+    # As a share of the fits' update with the statistics off, on the engine it stands for.
+    off_update = {
+        "lone_rank": "decentralized_1w",
+        "rank_of_two": "decentralized_2w",
+    }
+    work_share = {
+        f"{kind}_{size}": w[kind] / statistics.median(times[f"{off_update[kind]}_{size}"][False])
+        for size, w in work.items()
+        for kind in w
+    }
+    for name, share in work_share.items():
+        print(f"statistics' own work, {name:<20} {work_ms[name]:7.3f} ms  {100 * share:5.1f}%")
     result = {
         "command": " ".join(
             ["python", "benchmarks/gns.py", *(sys.argv[1:] if argv is None else argv)]
@@ -142,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stats_cost": cost,
         "target": TARGET,
         "meets_target": {name: c < TARGET for name, c in cost.items()},
+        "statistics_work_ms": work_ms,
+        "statistics_work_share": work_share,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
