@@ -18,8 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Subset, default_collate
 from torch.utils.data import Dataset as TorchDataset
+
+from ._loader_processes import LoaderProcesses
 
 
 @runtime_checkable
@@ -268,22 +270,12 @@ def seeded_item(dataset: TorchDataset, seed: int, index: int):
         return _seeded_read(dataset, GENERATORS, seed, index)
 
 
-# A loader process's batch under this size travels back by value, in the
-# pipe; a larger one in shared memory, whose hand-over (a file descriptor per
-# tensor, through the loader's resource sharer) cost about half a millisecond
-# per batch of 128 rows of 64 floats here.
-BY_VALUE_BYTES = 4 << 20
-
-
 def collate_pairs(items: list) -> Any:
     """``default_collate`` of a batch, with a fast path for ``(tensor, tensor)`` items.
 
     ``default_collate`` inspects every item before it stacks (about 1 µs per
     example, as much as reading a row of a tensor); items that are pairs of
-    tensors of one shape each are stacked directly. In a loader process such
-    a batch, if under :data:`BY_VALUE_BYTES`, is returned as NumPy arrays,
-    which travel by value; larger ones are stacked by ``default_collate``
-    into the shared memory they travel in.
+    tensors of one shape each are stacked directly.
     """
     first = items[0]
     pairs = (
@@ -292,14 +284,11 @@ def collate_pairs(items: list) -> Any:
         and isinstance(first[0], torch.Tensor)
         and isinstance(first[1], torch.Tensor)
     )
-    in_loader = get_worker_info() is not None
-    size = len(items) * sum(t.element_size() * t.numel() for t in first) if pairs else 0
-    if pairs and (not in_loader or size <= BY_VALUE_BYTES):
+    if pairs:
         xs, ys = zip(*items)
         try:
-            X, y = torch.stack(xs), torch.stack(ys)
-            return (X.numpy(), y.numpy()) if in_loader else (X, y)
-        except (RuntimeError, TypeError):  # shapes or dtypes NumPy lacks: the general path
+            return torch.stack(xs), torch.stack(ys)
+        except (RuntimeError, TypeError):  # ragged shapes or mixed dtypes: the general path
             pass
     return default_collate(items)
 
@@ -307,10 +296,10 @@ def collate_pairs(items: list) -> Any:
 class _Requests:
     """A batch sampler that yields the batches last asked for.
 
-    A persistent ``DataLoader`` re-iterates its batch sampler at every
+    The in-process ``DataLoader`` re-iterates its batch sampler at every
     ``iter(loader)``; setting :attr:`batches` first (any iterable, a lazy
-    one included: the loader draws from it as it sends requests) hands its
-    worker processes the next requests without starting them again.
+    one included: the loader draws from it as it reads) gives it the next
+    requests without building a new loader.
     """
 
     def __init__(self) -> None:
@@ -375,9 +364,10 @@ _OWN_LOADER_KEYS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_l
 class DatasetExamples:
     """Examples read from a map-style ``torch.utils.data.Dataset`` at every use.
 
-    ``take(indices)`` loads ``dataset[i]`` for each index through a
-    ``DataLoader`` (collated as usual), so a random transform draws anew
-    every time an example is used, in the process that uses it. Only the
+    ``take(indices)`` loads ``dataset[i]`` for each index, collated as a
+    ``DataLoader`` would (through one in this process, or in loader
+    processes: :mod:`adadamp._loader_processes`), so a random transform
+    draws anew every time an example is used. Only the
     dataset object travels to Dask workers: a dataset that opens its files on
     first use (:class:`adadamp.data.NpyDataset`) is read on the worker, only
     for the examples it uses.
@@ -407,10 +397,11 @@ class DatasetExamples:
         ``DataLoader`` keywords (the estimator's ``iterator_train__*``):
         ``num_workers`` (loader processes; with one or more, the next
         update's examples load while the current one computes),
-        ``pin_memory``, ``prefetch_factor``, ``collate_fn``,
-        ``worker_init_fn``, ``multiprocessing_context``, ... Batching and
-        order are the engine's: ``batch_size``, ``shuffle`` and samplers are
-        ignored.
+        ``pin_memory``, ``collate_fn``; with loader processes also
+        ``prefetch_factor``, ``worker_init_fn``, ``multiprocessing_context``,
+        ``timeout`` and ``generator`` (:data:`adadamp._loader_processes.SETTINGS`);
+        without them any other ``DataLoader`` keyword. Batching and order are
+        the engine's: ``batch_size``, ``shuffle`` and samplers are ignored.
     generators : tuple of str or None, default=None
         The global generators (:data:`GENERATORS`) that ``seed`` seeds per
         example; None: the dataset's ``random_generators`` attribute if it
@@ -443,7 +434,7 @@ class DatasetExamples:
         }
         self._device = torch.device(device)
         self.epoch = 0
-        self._loader: DataLoader | None = None
+        self._loader: DataLoader | LoaderProcesses | None = None
         self._requests = _Requests()
         self._stream: _Stream | None = None
         # Worker threads of one Dask worker may share these examples.
@@ -491,34 +482,32 @@ class DatasetExamples:
         size = -(-len(keys) // parts)
         return [keys[start : start + size] for start in range(0, len(keys), size)]
 
-    def _open_loader(self) -> DataLoader:
+    def _open_loader(self) -> DataLoader | LoaderProcesses:
+        """In this process, a ``DataLoader``; with ``num_workers``, the loader processes."""
         if self._loader is None:
             params = dict(self.loader_params)
-            params["num_workers"] = self.num_workers
-            if params["num_workers"] == 0:
-                params.pop("prefetch_factor", None)
-                params.pop("persistent_workers", None)
-            else:
-                # Workers live as long as these examples: starting them is
-                # far dearer than one update.
-                params["persistent_workers"] = True
+            params.pop("num_workers", None)
+            params.pop("pin_memory", None)  # pinned in _cast, on either path
+            collate = params.pop("collate_fn", collate_pairs)
+            items = _SeededItems(self.dataset, self.seed, self.generators)
+            if self.seed is not None:
+                # The loader processes' base seed is drawn from this generator,
+                # not from (and so without advancing) the global one.
+                params.setdefault("generator", torch.Generator().manual_seed(self.seed))
+            if self.num_workers:
                 if "fork" in multiprocessing.get_all_start_methods():
                     # A Dask worker's default start method is spawn, which
                     # pickles the dataset by reference and so fails for a
                     # class defined in the fitting script (Dask sent it by
                     # value); fork, torch's usual default on Linux, copies it.
                     params.setdefault("multiprocessing_context", "fork")
-            if self.seed is not None:
-                # The loader draws its workers' base seed from this
-                # generator, not from (and so without advancing) the global one.
-                params.setdefault("generator", torch.Generator().manual_seed(self.seed))
-            params["pin_memory"] = bool(params.get("pin_memory")) and self._device.type == "cuda"
-            params.setdefault("collate_fn", collate_pairs)
-            self._loader = DataLoader(
-                _SeededItems(self.dataset, self.seed, self.generators),
-                batch_sampler=self._requests,
-                **params,
-            )
+                self._loader = LoaderProcesses(items, self.num_workers, collate, params)
+            else:
+                params.pop("prefetch_factor", None)
+                params.pop("persistent_workers", None)
+                self._loader = DataLoader(
+                    items, batch_sampler=self._requests, collate_fn=collate, **params
+                )
         return self._loader
 
     @property
@@ -528,8 +517,12 @@ class DatasetExamples:
 
     def _start(self, batches: Iterable[list[tuple[int, int]]], count: int) -> Iterator:
         """The loader's iterator over ``batches``; run only on :attr:`_thread` when it loads."""
+        loader = self._open_loader()
+        if isinstance(loader, LoaderProcesses):
+            loader.stream(list(batches))
+            return (loader.next() for _ in range(count))
         self._requests.batches, self._requests.count = batches, count
-        return iter(self._open_loader())
+        return iter(loader)
 
     def _load(self, batches: list[list[tuple[int, int]]]) -> list:
         """The collated ``batches``; run only on :attr:`_thread` when it loads."""
@@ -582,16 +575,21 @@ class DatasetExamples:
     def _cast(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:
         X, y = cast_pair(_as_tensor(X), _as_tensor(y), self.float_dtype, self.target_dtype)
         non_blocking = self._device.type == "cuda"
+        if non_blocking and self.loader_params.get("pin_memory"):
+            X, y = X.pin_memory(), y.pin_memory()
         return X.to(self._device, non_blocking=non_blocking), y.to(
             self._device, non_blocking=non_blocking
         )
 
     def close(self) -> None:
         """Stop the loader processes (they also stop when these examples are collected)."""
-        self._stream, self._loader = None, None
+        self._stream = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if isinstance(self._loader, LoaderProcesses):
+            self._loader.close()
+        self._loader = None
 
     def __getstate__(self) -> dict:
         # Loader processes and their queues belong to this process: a copy
