@@ -369,18 +369,42 @@ def run_estimator(
 def scale_cluster(
     cluster, client, workers: int, mallopt: bool = False, timeout: float = 120
 ) -> None:
-    """Give the cluster exactly ``workers`` workers, each with the engines imported, untimed."""
+    """Give the cluster exactly ``workers`` workers, each with the engines imported, untimed.
+
+    Waits for retired worker processes to exit as well: one takes a core for
+    1 to 1.5 s to shut down, and the fits timed meanwhile would share the
+    machine's two cores with it.
+    """
+    import psutil
+
     from adadamp.scaling import available_workers
 
+    before = set(client.run(os.getpid).values())
     cluster.scale(workers)
     deadline = time.monotonic() + timeout
     while len(available_workers(client)) != workers:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the cluster did not reach {workers} workers in {timeout} s")
         time.sleep(0.1)
+    retired = before - set(client.run(os.getpid).values())
+    _, alive = psutil.wait_procs(
+        [p for p in map(_process, retired) if p is not None],
+        timeout=max(0.0, deadline - time.monotonic()),
+    )
+    if alive:
+        raise TimeoutError(f"retired worker processes {[p.pid for p in alive]} did not exit")
     client.run(_import_engines)
     if mallopt:
         client.run(glibc_mallopt)
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _import_engines() -> None:
