@@ -531,8 +531,9 @@ _DAMPED_DOC = """
 optional
         How a map-style dataset ``X`` is read (``iterator_train__*`` are
         ``DataLoader`` keywords): with ``num_workers >= 1``, loader processes
-        read the examples of the next update while the current one computes.
-        Arrays and tensors are gathered from memory and ignore them.
+        read the examples of the coming updates while the current one
+        computes (:class:`adadamp.examples.DatasetExamples`). Arrays and
+        tensors are gathered from memory and ignore them.
     lr_scaling : {"none", "linear", "sqrt", "adascale"}, default="none"
         How the learning rate follows the batch size ``B`` of each update,
         relative to the base batch size ``B0``, the damper's ``initial``

@@ -4,10 +4,10 @@ Speed (the default): the MLP of ``overhead.py`` (its "small" size) on
 generated data, global batch 256, trained from the same data twice in the
 same run: as arrays (gathered from memory) and as a transform-free
 ``torch.utils.data.Dataset`` (read with ``dataset[i]`` per example, through
-the loader settings the README recommends for reads that draw nothing:
-``iterator_train__num_workers=0``, each rank's next slice read on a thread
-while the current one computes; ``--num-workers N`` for loader processes,
-which read the coming updates' slices ahead),
+the loader settings the README recommends: a loader process per rank,
+``iterator_train__num_workers=1``, where the machine has a core to spare
+beside each rank, else ``0``, each rank's next slice read on a thread while
+the current one computes; ``--num-workers N`` sets N for every engine),
 with ``random_state`` (the reads draw nothing, so nothing is seeded) and
 without (``dataset_unseeded``). Engines: ``local``,
 ``decentralized`` on 1 and 2 Dask workers. Figures: steady-state ms per
@@ -70,8 +70,14 @@ from overhead import (  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.15
 TARGET_USS_GB = 0.3
-# The loader settings the README recommends for a Dataset (see "Training on a Dataset").
-LOADER = {"iterator_train__num_workers": 0}
+
+
+def recommended_loader(ranks: int) -> dict:
+    """The README's loader settings for a Dataset (see "Loader settings") for ``ranks`` ranks."""
+    spare_core = (os.cpu_count() or 1) >= 2 * ranks
+    return {"iterator_train__num_workers": 1 if spare_core else 0}
+
+
 ENGINES = [("local", None), ("decentralized", 1), ("decentralized", 2)]
 MEMORY_FEATURES = 3 * 32 * 32  # a CIFAR-sized image per row
 
@@ -127,7 +133,12 @@ def run_speed(args) -> dict:
 
     n, epochs, repeats = (2048, 3, 1) if args.quick else (8192, 4, args.repeats)
     X, y = make_data(n)
-    loader = {"iterator_train__num_workers": args.num_workers}
+    loaders = {
+        name: recommended_loader(workers or 1)
+        if args.num_workers is None
+        else {"iterator_train__num_workers": args.num_workers}
+        for name, workers in ((b if w is None else f"{b}_{w}w", w) for b, w in ENGINES)
+    }
     import dask
 
     # Dask workers are daemonic by default, and a daemonic process may not
@@ -150,6 +161,7 @@ def run_speed(args) -> dict:
                 if workers:
                     scale_cluster(cluster, client, workers)
                 name = backend if workers is None else f"{backend}_{workers}w"
+                loader = loaders[name]
                 # A first fit, not counted, pays what a process does once (imports,
                 # a worker's first model), which no later fit pays again: without
                 # it the whole-fit figure of whichever kind runs first after the
@@ -190,7 +202,7 @@ def run_speed(args) -> dict:
             "batch_size": BATCH_SIZE,
             "hidden": list(SIZES["small"]),
             "repeats": repeats,
-            "loader": loader,
+            "loader": loaders,
             "dask_worker_daemon": False,
             "random_state": 0,
             "not_counted": "the first epoch, and the first update of every other epoch",
@@ -206,7 +218,7 @@ def run_speed(args) -> dict:
             for name, r in ratios.items()
         },
     }
-    print(f"loader settings: {loader}, distributed.worker.daemon=False")
+    print(f"loader settings: {loaders}, distributed.worker.daemon=False")
     print(
         f"{'engine':<18} {'arrays ms':>10} {'dataset ms':>11} {'ratio':>7} {'unseeded':>9}"
         f" {'fit ratio':>10}"
@@ -349,8 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=LOADER["iterator_train__num_workers"],
-        help="iterator_train__num_workers for the Dataset runs (speed)",
+        default=None,
+        help="iterator_train__num_workers for every engine's Dataset runs "
+        "(default: the README's recommendation per engine)",
     )
     parser.add_argument("--memory", action="store_true", help="the memory mode")
     parser.add_argument("--memory-gb", type=float, default=1.2, help="array size (memory mode)")
