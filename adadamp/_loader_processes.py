@@ -12,9 +12,10 @@ Why not a ``DataLoader``'s worker processes: it sends each batch's request
 through a queue whose feeder thread, in this process, competes with the
 computation for the interpreter lock, and its take does a few hundred
 microseconds of bookkeeping. With 256 examples of 64 floats per batch and a
-2 ms update, its loader processes cost 1.2 to 1.5 times the update time of
-arrays on a 2-core machine (``benchmarks/data.py``), about what reading in
-the rank itself costs.
+2 ms update on a 2-core machine, updates read through its loader processes
+took 1.27 to 1.39 times as long as from arrays in most runs of
+``benchmarks/data.py``, about what reading in the rank itself costs; these
+took 0.98 to 1.17 times as long on one rank.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ import multiprocessing
 import os
 import pickle
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 
-# What a dataset's DataLoader settings mean here (the others are refused).
+# The DataLoader settings loader processes take (the others are refused);
+# persistent_workers is accepted and moot: the processes live as long as
+# the examples they read.
 SETTINGS = (
     "num_workers",
     "collate_fn",
@@ -86,7 +89,8 @@ def _serve(
 ) -> None:
     """A loader process: read the batches of the latest stream, send them in order.
 
-    ``commands`` brings ``(stream id, [keys, ...])`` per stream, None to stop;
+    ``commands`` brings ``(stream id, epoch, rows)`` per stream (rows of
+    example indices, a batch each), None to stop;
     ``credits`` holds a unit per batch it may read ahead of those taken.
     """
     # A collection would walk every object inherited from the forked process,
@@ -96,19 +100,20 @@ def _serve(
     _seed_process(base_seed, worker_id)
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
-    stream, batches = None, iter(())
+    stream, epoch, rows = None, 0, iter(())
     try:
         while True:
-            batch = None if commands.poll() else next(batches, None)
-            if batch is None:  # a new stream, or this one is read: wait for the next
+            row = None if commands.poll() else next(rows, None)
+            if row is None:  # a new stream, or this one is read: wait for the next
                 command = commands.recv()
                 if command is None:
                     break
-                stream, batches = command[0], iter(command[1])
+                stream, epoch, rows = command[0], command[1], iter(command[2])
                 continue
             credits.acquire()
             try:
-                batch = _portable(collate_fn(items.__getitems__(batch)))
+                keys = [(epoch, i) for i in row.tolist()]
+                batch = _portable(collate_fn(items.__getitems__(keys)))
                 message = pickle.dumps((stream, True, batch), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # reading, collating or pickling: raised where it is taken
                 error = ExceptionWrapper(where=f"in loader process {worker_id}")
@@ -127,7 +132,8 @@ class LoaderProcesses:
     Parameters
     ----------
     items : Dataset
-        Read through ``items.__getitems__(keys)``, one call per batch.
+        Read through ``items.__getitems__(keys)``, one call per batch, with
+        keys ``(epoch, index)``.
     count : int
         How many processes.
     collate_fn : callable
@@ -187,13 +193,13 @@ class LoaderProcesses:
             self._credits.append(credits)
         self._finalizer = weakref.finalize(self, _stop, self._processes, self._commands)
 
-    def stream(self, batches: list[list]) -> None:
-        """Read ``batches`` from now on (a list of keys each), dropping the last stream's."""
+    def stream(self, epoch: int, rows: Sequence[np.ndarray]) -> None:
+        """Read a batch per row of indices of ``epoch`` from now on, dropping the last stream's."""
         self._stream += 1
         self._turn = 0
         count = len(self._processes)
         for worker_id, commands in enumerate(self._commands):
-            commands.send((self._stream, batches[worker_id::count]))
+            commands.send((self._stream, epoch, rows[worker_id::count]))
 
     def next(self) -> Any:
         """The next batch of the stream, collated; a process's error is raised here."""

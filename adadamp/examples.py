@@ -13,7 +13,7 @@ import multiprocessing
 import random
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -313,13 +313,18 @@ class _Requests:
         return self.count
 
 
+# Rows of example indices, a batch each: a 2-D tensor, or a list of 1-D ones.
+Rows = torch.Tensor | Sequence[torch.Tensor]
+
+
 class _Stream:
     """The coming takes, a row of ``rows`` each, read in order through one loader iterator.
 
-    The loader's batch sampler yields the rows' keys lazily. With loader
-    processes each one reads ``prefetch_factor`` batches ahead on its own,
-    and a take is a ``next`` with no hand-shake; without them, the next
-    row is read on the examples' thread while the current one computes.
+    With loader processes each one is sent its rows once and reads
+    ``prefetch_factor`` batches ahead on its own, and a take is a ``next``
+    with no hand-shake; without them, the in-process loader's batch sampler
+    yields the rows' keys lazily, and the next row is read on the
+    examples' thread while the current one computes.
     """
 
     def __init__(
@@ -327,17 +332,13 @@ class _Stream:
         rows: torch.Tensor,
         epoch: int,
         thread: concurrent.futures.ThreadPoolExecutor,
-        start: Callable[[Iterable, int], Iterator],
+        start: Callable[[int, Rows], Iterator],
         read_ahead: bool,
     ):
         self.rows, self.epoch, self.taken = rows, epoch, 0
         self._thread = thread
-        self._iterator = thread.submit(start, self._keys(), len(rows))
+        self._iterator = thread.submit(start, epoch, rows)
         self._ahead = thread.submit(self._read) if read_ahead else None
-
-    def _keys(self):
-        for row in self.rows:
-            yield [(self.epoch, i) for i in row.tolist()]
 
     def expects(self, indices: torch.Tensor) -> bool:
         """Whether ``indices`` is the next take's row."""
@@ -475,12 +476,10 @@ class DatasetExamples:
             return 0
         return wanted
 
-    def _batches(self, indices: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """One take's keys as batches, one per loader process, so that they load in parallel."""
-        keys = [(self.epoch, i) for i in indices.tolist()]
-        parts = max(1, min(self.num_workers, len(keys)))
-        size = -(-len(keys) // parts)
-        return [keys[start : start + size] for start in range(0, len(keys), size)]
+    def _parts(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """One take's indices as batches, one per loader process, so that they load in parallel."""
+        parts = max(1, min(self.num_workers, len(indices)))
+        return list(indices.split(-(-len(indices) // parts)))
 
     def _open_loader(self) -> DataLoader | LoaderProcesses:
         """In this process, a ``DataLoader``; with ``num_workers``, the loader processes."""
@@ -515,19 +514,26 @@ class DatasetExamples:
         """Whether loads run on :attr:`_thread` (see the class's notes on prefetching)."""
         return self.num_workers > 0 or not self.generators
 
-    def _start(self, batches: Iterable[list[tuple[int, int]]], count: int) -> Iterator:
-        """The loader's iterator over ``batches``; run only on :attr:`_thread` when it loads."""
+    def _start(self, epoch: int, rows: Rows) -> Iterator:
+        """The loader's iterator over a batch per row of ``rows``, examples of ``epoch``.
+
+        Run only on :attr:`_thread` when it loads.
+        """
         loader = self._open_loader()
         if isinstance(loader, LoaderProcesses):
-            loader.stream(list(batches))
-            return (loader.next() for _ in range(count))
-        self._requests.batches, self._requests.count = batches, count
+            # As index arrays, not keys: an epoch of a large set is a few
+            # megabytes to send, where its (epoch, index) tuples are a
+            # hundred bytes per example.
+            loader.stream(epoch, [row.numpy() for row in rows])
+            return (loader.next() for _ in range(len(rows)))
+        self._requests.batches = ([(epoch, i) for i in row.tolist()] for row in rows)
+        self._requests.count = len(rows)
         return iter(loader)
 
-    def _load(self, batches: list[list[tuple[int, int]]]) -> list:
-        """The collated ``batches``; run only on :attr:`_thread` when it loads."""
-        iterator = self._start(batches, len(batches))
-        return [next(iterator) for _ in batches]
+    def _load(self, parts: list[torch.Tensor]) -> list:
+        """The collated ``parts`` of one take; run only on :attr:`_thread` when it loads."""
+        iterator = self._start(self.epoch, parts)
+        return [next(iterator) for _ in parts]
 
     @property
     def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -559,11 +565,11 @@ class DatasetExamples:
                 parts = [self._stream.next_batch()]
             else:
                 self._stream = None
-                batches = self._batches(indices)
+                rows = self._parts(indices)
                 if self._loads_on_thread:
-                    parts = self._thread.submit(self._load, batches).result()
+                    parts = self._thread.submit(self._load, rows).result()
                 else:
-                    parts = self._load(batches)
+                    parts = self._load(rows)
         # A loader process's parts may come back as NumPy arrays (collate_pairs);
         # a lone part is used as it is, not copied by a concatenation.
         X, y = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -35,17 +36,17 @@ def loader(dataset: Dataset, count: int = 2, **settings) -> LoaderProcesses:
     return LoaderProcesses(items, count, collate_pairs, settings)
 
 
-def keys(indices) -> list[tuple[int, int]]:
-    return [(0, i) for i in indices]
+def rows(*rows) -> list[np.ndarray]:
+    return [np.asarray(row) for row in rows]
 
 
 def test_batches_come_in_the_stream_order_from_every_process():
     processes = loader(Rows())
     try:
-        batches = [keys(range(start, start + 4)) for start in range(0, 40, 4)]
-        processes.stream(batches)
+        batches = np.arange(40).reshape(10, 4)
+        processes.stream(0, batches)
         read = [processes.next() for _ in batches]
-        assert [X.ravel().tolist() for X, _ in read] == [[i for _, i in b] for b in batches]
+        assert [X.ravel().tolist() for X, _ in read] == batches.tolist()
         pids = {int(pid) for _, y in read for pid in y}
         assert len(pids) == 2 and os.getpid() not in pids
     finally:
@@ -55,9 +56,9 @@ def test_batches_come_in_the_stream_order_from_every_process():
 def test_a_new_stream_drops_what_was_read_ahead_for_the_last():
     processes = loader(Rows(), prefetch_factor=3)
     try:
-        processes.stream([keys([i]) for i in range(20)])
+        processes.stream(0, np.arange(20).reshape(20, 1))
         assert processes.next()[0].item() == 0
-        processes.stream([keys([50]), keys([51]), keys([52])])
+        processes.stream(0, rows([50], [51], [52]))
         assert [processes.next()[0].item() for _ in range(3)] == [50, 51, 52]
     finally:
         processes.close()
@@ -66,7 +67,7 @@ def test_a_new_stream_drops_what_was_read_ahead_for_the_last():
 def test_a_reading_error_is_raised_with_its_own_type_where_the_batch_is_taken():
     processes = loader(Rows(bad=5), count=1)
     try:
-        processes.stream([keys([1, 2]), keys([4, 5]), keys([6])])
+        processes.stream(0, rows([1, 2], [4, 5], [6]))
         assert processes.next()[0].ravel().tolist() == [1.0, 2.0]
         with pytest.raises(KeyError, match="example 5 is missing"):
             processes.next()
@@ -78,7 +79,7 @@ def test_a_reading_error_is_raised_with_its_own_type_where_the_batch_is_taken():
 def test_a_process_that_dies_fails_the_take_instead_of_hanging():
     processes = loader(Rows(fatal=3), count=1)
     try:
-        processes.stream([keys([3])])
+        processes.stream(0, rows([3]))
         with pytest.raises(RuntimeError, match="exited unexpectedly.*exit code 3"):
             processes.next()
     finally:
@@ -88,7 +89,7 @@ def test_a_process_that_dies_fails_the_take_instead_of_hanging():
 def test_close_stops_every_process():
     processes = loader(Rows())
     started = list(processes._processes)
-    processes.stream([keys([1]), keys([2])])
+    processes.stream(0, rows([1], [2]))
     processes.next()  # one batch left unread
     processes.close()
     assert started and not any(p.is_alive() for p in started)
