@@ -141,7 +141,9 @@ class LoaderProcesses:
     settings : dict
         The ``DataLoader`` keywords of :data:`SETTINGS` besides those:
         ``worker_init_fn``, ``multiprocessing_context`` (default ``fork``
-        where there is one), ``prefetch_factor`` (default 2), ``timeout``
+        where there is one), ``prefetch_factor`` (default 4, where a
+        ``DataLoader``'s is 2: the batches a process may have read ahead, a
+        margin for the moments it does not get a core), ``timeout``
         (seconds a batch may take; 0: no limit) and ``generator`` (that
         draws the processes' base seed, as a ``DataLoader``'s does).
     """
@@ -157,7 +159,7 @@ class LoaderProcesses:
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context)
         self.timeout = float(settings.get("timeout") or 0)
-        ahead = int(settings.get("prefetch_factor") or 2)
+        ahead = int(settings.get("prefetch_factor") or 4)
         generator = settings.get("generator")
         base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
         self._stream = 0
