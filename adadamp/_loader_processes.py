@@ -24,6 +24,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import random
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,8 +70,6 @@ def _portable(batch: Any) -> Any:
 
 def _seed_process(base_seed: int, worker_id: int) -> None:
     """Seed this process's generators as a ``DataLoader`` seeds its workers'."""
-    import random
-
     seed = base_seed + worker_id
     random.seed(seed)
     torch.manual_seed(seed)

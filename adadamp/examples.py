@@ -570,7 +570,7 @@ class DatasetExamples:
                     parts = self._thread.submit(self._load, rows).result()
                 else:
                     parts = self._load(rows)
-        # A loader process's parts may come back as NumPy arrays (collate_pairs);
+        # A loader process's parts come back as NumPy arrays (they travel by value);
         # a lone part is used as it is, not copied by a concatenation.
         X, y = (
             torch.cat([_as_tensor(a) for a in t]) if len(t) > 1 else _as_tensor(t[0])

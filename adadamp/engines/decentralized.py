@@ -283,7 +283,7 @@ class DecentralizedEngine(DaskEngine):
         )
 
     def _end_segment(self, tell_ranks: bool = True, wait: bool = True) -> None:
-        """Cancel the running segment's tasks, first telling its ranks to end (``tell_ranks``).
+        """Let go of the running segment's tasks, first telling its ranks to end (``tell_ranks``).
 
         No word is needed when the ranks ended the segment themselves, or
         when the fit's release (:meth:`close`) ends them. ``wait=False``
