@@ -14,8 +14,10 @@ import time
 import pytest
 
 
-def process_cluster(n_workers: int = 1):
+def process_cluster(n_workers: int = 1, env: dict | None = None):
     """A LocalCluster of worker processes (one thread each) on 127.0.0.1.
+
+    ``env``: environment variables set in the worker processes.
 
     Its client is not made the default one, so fits with ``client=None``
     elsewhere in the run still start their own cluster.
@@ -33,6 +35,7 @@ def process_cluster(n_workers: int = 1):
         dashboard_address=None,
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         silence_logs=logging.ERROR,
+        env=env or {},
     )
     return cluster, Client(cluster, set_as_default=False)
 

@@ -165,6 +165,37 @@ def test_dask_engines_match_local_weights(dask_client, local_reference, workers,
     )
 
 
+def _host_sums_opened(client) -> int:
+    """How many shared-memory sums the cluster's workers have opened, in all."""
+    from adadamp.engines import _host_sum
+
+    return sum(client.run(lambda: _host_sum.opened).values())
+
+
+def test_ranks_of_one_host_sum_through_shared_memory_unless_told_not_to(
+    dask_client, local_reference
+):
+    from conftest import process_cluster
+
+    from adadamp.engines._ranks import SHARED_MEMORY_ENV
+
+    before = _host_sums_opened(dask_client)
+    est = _equivalence_fit("decentralized", dask_client, 2)
+    assert _host_sums_opened(dask_client) - before == 2  # one segment, two ranks
+    cluster, client = process_cluster(2, env={SHARED_MEMORY_ENV: "0"})
+    try:
+        through_group = _equivalence_fit("decentralized", client, 2)
+        assert _host_sums_opened(client) == 0
+    finally:
+        client.close()
+        cluster.close()
+    for fit in (est, through_group):
+        assert updates(fit, "workers") == [2] * len(updates(local_reference, "workers"))
+        assert_weights_close(weights(fit), weights(local_reference), rtol=1e-5)
+    # Two ranks add two numbers, in either order the same: the same bits.
+    assert_weights_close(weights(est), weights(through_group), rtol=0)
+
+
 class WithUnusedParameter(torch.nn.Module):
     def __init__(self):
         super().__init__()

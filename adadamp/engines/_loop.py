@@ -55,6 +55,13 @@ class Reducer:
         """Replace ``tensor`` by its sum over the ranks."""
 
 
+def reduced_nbytes(module: nn.Module) -> int:
+    """Bytes of the buffer that :func:`run_updates` reduces per update on several ranks."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    itemsize = params[0].element_size() if params else 4
+    return (sum(p.numel() for p in params) + EXTRA_SLOTS) * itemsize
+
+
 def reduce_update(reducer: Reducer, flat: torch.Tensor, extras: list[float]) -> list[float]:
     """Sum the gradients (views of ``flat``) and the ``extras`` over the ranks: one reduction.
 

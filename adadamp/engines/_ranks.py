@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +27,15 @@ from ..scaling import WorkerCountRule
 from ..schedule import UpdatePlan, epoch_permutation
 from ..state import TrainState
 from . import _mailbox, _worker
-from ._loop import Reducer, run_updates
+from ._host_sum import HostSum, open_host_sum
+from ._loop import Reducer, reduced_nbytes, run_updates
 from .base import UpdateRecord
 
 # A rank whose peer died mid-update fails its all-reduce after this long at most.
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+# Set to 0 in the workers' environment, sums always go through the process
+# group, even between ranks of one host (see GroupReducer).
+SHARED_MEMORY_ENV = "ADADAMP_SHARED_MEMORY"
 # Ranks meet at the store within this long, or the segment is given up and
 # restarted: a few liveness polls, so a rank whose peer died before meeting
 # frees its worker's only thread quickly.
@@ -85,14 +90,26 @@ class Handoff(TensorsApart):
 
 
 class GroupReducer(Reducer):
-    """Sums over the ranks of a segment's process group."""
+    """Sums over the ranks of a segment: through shared memory when they share a host.
 
-    def __init__(self, group, rank: int, world: int):
+    ``host_sum`` (:mod:`._host_sum`), when every rank could map it, carries
+    the sums; otherwise the process ``group`` does (gloo, or nccl on GPUs).
+    """
+
+    def __init__(self, group, rank: int, world: int, host_sum: HostSum | None = None):
         self.group, self.rank, self.world = group, rank, world
+        self.host_sum = host_sum
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        if self.group is not None:
+        if self.host_sum is not None:
+            self.host_sum.all_reduce(tensor)
+        elif self.group is not None:
             self.group.allreduce([tensor]).wait()
+
+    def close(self) -> None:
+        """Let the peers know this rank left (a peer still waiting on a sum stops)."""
+        if self.host_sum is not None:
+            self.host_sum.close()
 
 
 @dataclass
@@ -150,18 +167,37 @@ def _process_group(
     return group, listener
 
 
+def shared_memory_wanted() -> bool:
+    """Whether this worker's environment lets ranks of one host sum through shared memory."""
+    return os.environ.get(SHARED_MEMORY_ENV, "1") != "0"
+
+
 def _join(
-    model: _worker.WorkerModel, fit_id: str, start: SegmentStart, rank: int, world: int
+    model: _worker.WorkerModel,
+    fit_id: str,
+    start: SegmentStart,
+    rank: int,
+    world: int,
+    given_up: Callable[[], bool],
 ) -> RankSegment:
     if start.module_state is not None:
         _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    group, listener = (
-        _process_group(start, rank, world, model.config.device) if world > 1 else (None, None)
-    )
+    group, listener, host_sum = None, None, None
+    if world > 1:
+        group, listener = _process_group(start, rank, world, model.config.device)
+        if not model.config.device.startswith("cuda") and shared_memory_wanted():
+            host_sum = open_host_sum(
+                group,
+                rank,
+                world,
+                reduced_nbytes(model.module),
+                GROUP_TIMEOUT.total_seconds(),
+                given_up,
+            )
     # ``start`` may be the very object Dask serves to the other ranks: never mutate it.
     segment = RankSegment(
         start.token,
-        GroupReducer(group, rank, world),
+        GroupReducer(group, rank, world, host_sum),
         copy.deepcopy(start.damper),
         copy.deepcopy(start.state),
         WorkerCountRule(start.target_workers, immediate=start.immediate),
@@ -227,8 +263,9 @@ def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, wor
     """
     model = _worker.worker_model(payload)
     fit_id = payload.fit_id
-    segment = _join(model, fit_id, start, rank, world)
-    token, given_up = segment.token, _released_check(fit_id)
+    given_up = _released_check(fit_id)
+    segment = _join(model, fit_id, start, rank, world, given_up)
+    token = segment.token
     epoch, offset = start.epoch, start.offset
     ahead: EpochStart | None = None  # set while the client's word on this epoch is awaited
 
@@ -271,6 +308,7 @@ def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, wor
                     _mailbox.post(token, _handoff(epoch, offset, segment, here, wanted))
                 return
     finally:
+        segment.reducer.close()
         if _SEGMENTS.get(fit_id) is segment:
             del _SEGMENTS[fit_id]
         _STOP_REQUESTS.discard(token)
