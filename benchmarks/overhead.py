@@ -26,10 +26,11 @@ Each figure is the median over ``--repeats`` interleaved repeats.
 ``ms_per_update_wall`` is a whole fit's wall-clock (cluster work, process
 groups and the first epoch included; for DDP, from building the model to its
 last update) divided by its updates. Every process that trains has built one
-optimizer before it is timed (:func:`build_first_optimizer`): a process's
-first one imports torch's compiler stack, a second or more. ``minor_page_faults_per_update`` counts
-the page faults of the process that trains (of all Dask workers for the Dask
-engines, over the whole fit; rank 0 for DDP) per update.
+optimizer before it is timed (``build_an_optimizer``): a process's first
+one imports torch's compiler stack, a second or more.
+``minor_page_faults_per_update`` counts the page faults of the process that
+trains (of all Dask workers for the Dask engines, over the whole fit; rank 0
+for DDP) per update.
 
 All Dask runs share one ``LocalCluster`` (worker processes, one thread each)
 and its client, scaled to the worker count before each fit, untimed; the
@@ -74,7 +75,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from adadamp.experiments.runtime import freeze_what_is_held
+from adadamp.experiments.runtime import build_an_optimizer, freeze_what_is_held
 
 # adadamp and distributed are imported where they are used: the DDP ranks
 # import this module when they start and need neither.
@@ -254,7 +255,7 @@ def run_plain(hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int) -
 def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: str) -> None:
     """One DDP rank: trains every job (name -> hidden, X, y, epochs) in turn."""
     torch.set_num_threads(threads)
-    build_first_optimizer()
+    build_an_optimizer()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -416,18 +417,7 @@ def _import_engines() -> None:
     import adadamp.engines.centralized  # noqa: F401
     import adadamp.engines.decentralized  # noqa: F401
 
-    build_first_optimizer()
-
-
-def build_first_optimizer() -> None:
-    """Build an optimizer once in this process, untimed.
-
-    A process's first torch optimizer imports torch's compiler stack (sympy
-    and some 800 modules: 1.0 to 1.5 s here). The plain loop pays it in this
-    process before anything is timed; a new Dask worker or DDP rank would
-    pay it inside its first timed fit.
-    """
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    build_an_optimizer()
 
 
 def source_version() -> str | None:
