@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import StepLR
 from adadamp import ConvergenceError
 from adadamp.dampers import AdaDamp, GeoDamp, RadaDamp
 from adadamp.engines._worker import data_arrivals, fits_held
+from adadamp.engines.decentralized import DecentralizedEngine
 from adadamp.estimators import DaskClassifier, DaskRegressor
 
 DASK_BACKENDS = ("centralized", "decentralized")
@@ -606,6 +607,62 @@ def test_workers_are_asked_for_before_a_planned_schedule_needs_them(dask_client)
     assert [epoch["workers"] for epoch in est.history_] == [1, 1, 1, 2]
     # The second worker was asked for at least one epoch before the fourth epoch needed it.
     assert requested[2] == 2, requested
+
+
+class CountingPlans(DecentralizedEngine):
+    """The decentralized engine, counting how often it plans the schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans = 0
+
+    def planned_workers(self, *args, **kwargs):
+        self.plans += 1
+        return super().planned_workers(*args, **kwargs)
+
+
+def test_a_planned_schedule_is_planned_once_per_fit(dask_client):
+    # Planning the rest of the fit at every epoch made the client's work grow
+    # with the square of the fit's length.
+    X, y = digits(128)
+    engine = CountingPlans()
+    est = DaskClassifier(
+        MLP,
+        batch_size=GeoDamp,
+        batch_size__initial=32,
+        batch_size__delay=2,
+        batch_size__factor=2,
+        max_epochs=6,
+        lr=0.1,
+        backend=engine,
+        client=dask_client,
+        min_workers=1,
+        max_workers=1,
+        train_split=None,
+        random_state=0,
+        verbose=0,
+    )
+    est.fit(X, y)
+    assert len(est.history_) == 6
+    assert engine.plans == 1
+
+
+def test_the_plan_reaches_as_far_as_the_horizon_and_keeps_the_most_workers_ahead():
+    from adadamp.engines._dask import _Plan
+
+    planned = [(1, 32), (1, 32), (2, 64), (1, 16), (3, 96), (1, 8)]
+    plan = _Plan.of(10, planned)
+    assert plan.most_workers_from == [3, 3, 3, 3, 3, 1]
+    for at in range(len(planned)):
+        for horizon in (1, 32, 33, 64, 100, 1000):
+            # The first update from ``at`` by which ``horizon`` examples are used.
+            used, expected = 0, len(planned) - 1
+            for i in range(at, len(planned)):
+                used += planned[i][1]
+                if used >= horizon:
+                    expected = i
+                    break
+            assert plan.reach(at, horizon) == expected, (at, horizon)
 
 
 def test_worker_count_rule():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import copy
+import itertools
 import logging
 import pickle
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -44,6 +47,30 @@ _LAZY_HINT = (
     "adadamp.data.NpyDataset for .npy files; see the README, 'Data that does not fit "
     "in memory'), or give each worker more memory."
 )
+
+
+@dataclass
+class _Plan:
+    """The worker counts and batch sizes of a fit's planned updates, from ``first_update``."""
+
+    first_update: int
+    workers: list[int]
+    examples_to: list[int]
+    """Examples of the planned updates up to and including each one."""
+    most_workers_from: list[int]
+    """The most workers any planned update from each one on needs."""
+
+    @classmethod
+    def of(cls, first_update: int, planned: list[tuple[int, int]]) -> _Plan:
+        workers = [w for w, _ in planned]
+        most = list(itertools.accumulate(reversed(workers), max))[::-1]
+        return cls(first_update, workers, list(itertools.accumulate(b for _, b in planned)), most)
+
+    def reach(self, at: int, examples: float) -> int:
+        """The index of the planned update by which ``examples`` more are used, from ``at``."""
+        before = self.examples_to[at - 1] if at else 0
+        end = bisect.bisect_left(self.examples_to, before + examples, lo=at)
+        return min(end, len(self.workers) - 1)
 
 
 def _hold(value):
@@ -160,6 +187,7 @@ class DaskEngine(Engine):
         self.rescales = []
         self.epochs_run = 0
         self._timed = (0.0, 0)  # (seconds, examples) of the updates finished so far
+        self._plan: _Plan | None = None  # see _plan_from
         # The workers there now build the model before the first segment
         # (its ranks would wait for the slowest of them anyway); those that
         # join later do it while training goes on. The warm-ups are sent
@@ -313,22 +341,36 @@ class DaskEngine(Engine):
         """
         if damper.adaptive or not self.scaler.can_scale:
             return
-        epochs_left = max(1, (self.config.epochs or 1) - self.epochs_run)
-        planned = self.planned_workers(damper, state, offset, epochs_left)
-        if not planned:
+        plan, at = self._plan_from(damper, state, offset)
+        if at == len(plan.workers):
             return
-        self.scaler.keep = max(self._found_workers, *(workers for workers, _ in planned))
+        self.scaler.keep = max(self._found_workers, plan.most_workers_from[at])
         latency = self.scaler.start_latency_s or DEFAULT_START_LATENCY_S
         seconds, examples_timed = self._timed
         speed = examples_timed / seconds if seconds > 0 else None
         horizon = self.n_examples if speed is None else max(self.n_examples, 2 * latency * speed)
-        soon, examples = 1, 0
-        for workers, batch in planned:
-            soon, examples = max(soon, workers), examples + batch
-            if examples >= horizon:
-                break
+        soon = max(plan.workers[at : plan.reach(at, horizon) + 1])
         if soon > self.scaler.n_workers:
             self.scaler.request(soon)
+
+    def _plan_from(self, damper: BaseDamper, state: TrainState, offset: int) -> tuple[_Plan, int]:
+        """The fit's planned updates, and the index of the next one in them.
+
+        Planned once per fit, not per epoch: planning the rest of a fit at
+        every epoch made the client's work grow with the square of the fit's
+        length (a 200-epoch fit's client took a core planning). An epoch run
+        again (a callback changed the weights) rewinds the state, and so the
+        index; past the planned updates (a fit longer than
+        :data:`MAX_PLANNED_UPDATES`), the rest is planned in turn.
+        """
+        plan = self._plan
+        at = -1 if plan is None else state.model_updates - plan.first_update
+        if plan is None or not 0 <= at < len(plan.workers):
+            epochs_left = max(1, (self.config.epochs or 1) - self.epochs_run)
+            planned = self.planned_workers(damper, state, offset, epochs_left)
+            plan = self._plan = _Plan.of(state.model_updates, planned)
+            at = 0
+        return plan, at
 
     def note_progress(self, records: list) -> None:
         """Count the training time and examples of finished updates (the speed plan_ahead uses)."""
