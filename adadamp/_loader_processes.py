@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 
-# The DataLoader settings loader processes take (the others are refused);
+# The DataLoader settings a Dataset is read with (the others are refused);
 # persistent_workers is accepted and moot: the processes live as long as
-# the examples they read.
+# the examples they read. Without loader processes only collate_fn and
+# pin_memory apply.
 SETTINGS = (
     "num_workers",
     "collate_fn",
@@ -50,6 +51,25 @@ SETTINGS = (
 
 # Seconds a process is given to stop when asked, before it is terminated.
 STOP_TIMEOUT_S = 5.0
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse, by name, a loader setting that is not one of :data:`SETTINGS`."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise TypeError(
+            f"iterator_train__{sorted(unknown)[0]} is not a loader setting here; "
+            f"a Dataset is read with {', '.join(SETTINGS)}."
+        )
+
+
+def read_batch(items, collate_fn: Callable[[list], Any], epoch: int, row) -> Any:
+    """The collated items of the indices ``row`` (a tensor or array) of ``epoch``.
+
+    ``items`` reads keys ``(epoch, index)`` in one ``__getitems__`` call,
+    as a ``DataLoader`` fetches a batch.
+    """
+    return collate_fn(items.__getitems__([(epoch, i) for i in row.tolist()]))
 
 
 def _portable(batch: Any) -> Any:
@@ -111,8 +131,7 @@ def _serve(
                 continue
             credits.acquire()
             try:
-                keys = [(epoch, i) for i in row.tolist()]
-                batch = _portable(collate_fn(items.__getitems__(keys)))
+                batch = _portable(read_batch(items, collate_fn, epoch, row))
                 message = pickle.dumps((stream, True, batch), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # reading, collating or pickling: raised where it is taken
                 error = ExceptionWrapper(where=f"in loader process {worker_id}")
@@ -148,12 +167,7 @@ class LoaderProcesses:
     """
 
     def __init__(self, items, count: int, collate_fn: Callable[[list], Any], settings: dict):
-        unknown = set(settings) - set(SETTINGS)
-        if unknown:
-            raise TypeError(
-                f"iterator_train__{sorted(unknown)[0]} is not a loader setting here; "
-                f"loader processes take {', '.join(SETTINGS)}."
-            )
+        check_settings(settings)
         context: Any = settings.get("multiprocessing_context")
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context)

@@ -13,15 +13,15 @@ import multiprocessing
 import random
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset, default_collate
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Subset, default_collate
 
-from ._loader_processes import LoaderProcesses
+from ._loader_processes import LoaderProcesses, check_settings, read_batch
 
 
 @runtime_checkable
@@ -293,38 +293,16 @@ def collate_pairs(items: list) -> Any:
     return default_collate(items)
 
 
-class _Requests:
-    """A batch sampler that yields the batches last asked for.
-
-    The in-process ``DataLoader`` re-iterates its batch sampler at every
-    ``iter(loader)``; setting :attr:`batches` first (any iterable, a lazy
-    one included: the loader draws from it as it reads) gives it the next
-    requests without building a new loader.
-    """
-
-    def __init__(self) -> None:
-        self.batches: Iterable[list[tuple[int, int]]] = ()
-        self.count = 0
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return self.count
-
-
 # Rows of example indices, a batch each: a 2-D tensor, or a list of 1-D ones.
 Rows = torch.Tensor | Sequence[torch.Tensor]
 
 
 class _Stream:
-    """The coming takes, a row of ``rows`` each, read in order through one loader iterator.
+    """The coming takes, a row of ``rows`` each, read in order by the loader processes.
 
-    With loader processes each one is sent its rows once and reads
-    ``prefetch_factor`` batches ahead on its own, and a take is a ``next``
-    with no hand-shake; without them, the in-process loader's batch sampler
-    yields the rows' keys lazily, and the next row is read on the
-    examples' thread while the current one computes.
+    Each process is sent its rows once (on the examples' thread, beside the
+    computation) and reads ``prefetch_factor`` batches ahead on its own; a
+    take is a ``next`` with no hand-shake.
     """
 
     def __init__(
@@ -333,29 +311,18 @@ class _Stream:
         epoch: int,
         thread: concurrent.futures.ThreadPoolExecutor,
         start: Callable[[int, Rows], Iterator],
-        read_ahead: bool,
     ):
         self.rows, self.epoch, self.taken = rows, epoch, 0
-        self._thread = thread
         self._iterator = thread.submit(start, epoch, rows)
-        self._ahead = thread.submit(self._read) if read_ahead else None
 
     def expects(self, indices: torch.Tensor) -> bool:
         """Whether ``indices`` is the next take's row."""
         return self.taken < len(self.rows) and torch.equal(self.rows[self.taken], indices)
 
-    def _read(self) -> Any:
-        return next(self._iterator.result())
-
     def next_batch(self) -> Any:
         """The collated batch of the next row (:meth:`expects` said it is asked for)."""
         self.taken += 1
-        if self._ahead is None:
-            return self._read()
-        batch = self._ahead.result()
-        more = self.taken < len(self.rows)
-        self._ahead = self._thread.submit(self._read) if more else None
-        return batch
+        return next(self._iterator.result())
 
 
 # Loader settings that DatasetExamples decides itself.
@@ -365,23 +332,24 @@ _OWN_LOADER_KEYS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_l
 class DatasetExamples:
     """Examples read from a map-style ``torch.utils.data.Dataset`` at every use.
 
-    ``take(indices)`` loads ``dataset[i]`` for each index, collated as a
-    ``DataLoader`` would (through one in this process, or in loader
-    processes: :mod:`adadamp._loader_processes`), so a random transform
-    draws anew every time an example is used. Only the
-    dataset object travels to Dask workers: a dataset that opens its files on
-    first use (:class:`adadamp.data.NpyDataset`) is read on the worker, only
-    for the examples it uses.
+    ``take(indices)`` reads ``dataset[i]`` for each index, collated as a
+    ``DataLoader`` would, so a random transform draws anew every time an
+    example is used. Only the dataset object travels to Dask workers: a
+    dataset that opens its files on first use
+    (:class:`adadamp.data.NpyDataset`) is read on the worker, only for the
+    examples it uses.
 
-    The next updates' examples load while the current one computes, once
-    the engine's hint (:func:`prefetch`) has named the coming takes: in
-    loader processes with ``num_workers >= 1``, a batch per take, each
-    process reading ahead; without them, on a thread of this process when
-    no global generator needs seeding (no ``seed``, or reads that draw from
-    none), since seeding a global generator on a thread would race with the
-    computation's own draws (dropout); else in the caller, at the take. A
-    take that is not the one named (a loss pass, a batch size that
-    changed) drops what was loaded ahead and is read alone.
+    With loader processes (``num_workers >= 1``,
+    :mod:`adadamp._loader_processes`), the next updates' examples load
+    while the current one computes, once the engine's hint
+    (:func:`prefetch`) has named the coming takes; a take that is not the
+    one named (a loss pass, a batch size that changed) drops what was read
+    ahead and is read alone. Without them, each take is read in the
+    calling thread, when it is asked for: a thread beside the computation
+    hid nothing of the reads, which hold the interpreter lock that the
+    computation's operators take back between calls, and it cost a
+    hand-off per take (``benchmarks/data.py``: 1.26 to 1.29 times the
+    arrays' update on two ranks, against 1.11 to 1.16 read in the rank).
 
     Parameters
     ----------
@@ -395,14 +363,13 @@ class DatasetExamples:
     target_dtype : torch.dtype or None, default=None
         The targets' dtype (``torch.long`` for a classifier).
     loader_params : dict or None, default=None
-        ``DataLoader`` keywords (the estimator's ``iterator_train__*``):
-        ``num_workers`` (loader processes; with one or more, the next
-        update's examples load while the current one computes),
-        ``pin_memory``, ``collate_fn``; with loader processes also
-        ``prefetch_factor``, ``worker_init_fn``, ``multiprocessing_context``,
-        ``timeout`` and ``generator`` (:data:`adadamp._loader_processes.SETTINGS`);
-        without them any other ``DataLoader`` keyword. Batching and order are
-        the engine's: ``batch_size``, ``shuffle`` and samplers are ignored.
+        ``DataLoader`` keywords (the estimator's ``iterator_train__*``) of
+        :data:`adadamp._loader_processes.SETTINGS`: ``num_workers`` (loader
+        processes), ``pin_memory``, ``collate_fn``, and for the loader
+        processes ``prefetch_factor``, ``worker_init_fn``,
+        ``multiprocessing_context``, ``timeout`` and ``generator``; others
+        are refused by name. Batching and order are the engine's:
+        ``batch_size``, ``shuffle`` and samplers are ignored.
     generators : tuple of str or None, default=None
         The global generators (:data:`GENERATORS`) that ``seed`` seeds per
         example; None: the dataset's ``random_generators`` attribute if it
@@ -433,10 +400,12 @@ class DatasetExamples:
         self.loader_params = {
             k: v for k, v in (loader_params or {}).items() if k not in _OWN_LOADER_KEYS
         }
+        check_settings(self.loader_params)
         self._device = torch.device(device)
         self.epoch = 0
-        self._loader: DataLoader | LoaderProcesses | None = None
-        self._requests = _Requests()
+        self._items = _SeededItems(dataset, seed, self.generators)
+        self._collate = self.loader_params.get("collate_fn", collate_pairs)
+        self._loader: LoaderProcesses | None = None
         self._stream: _Stream | None = None
         # Worker threads of one Dask worker may share these examples.
         self._lock = threading.Lock()
@@ -481,95 +450,70 @@ class DatasetExamples:
         parts = max(1, min(self.num_workers, len(indices)))
         return list(indices.split(-(-len(indices) // parts)))
 
-    def _open_loader(self) -> DataLoader | LoaderProcesses:
-        """In this process, a ``DataLoader``; with ``num_workers``, the loader processes."""
+    def _open_loader(self) -> LoaderProcesses:
+        """The loader processes (``num_workers`` of them), started on first use."""
         if self._loader is None:
             params = dict(self.loader_params)
-            params.pop("num_workers", None)
-            params.pop("pin_memory", None)  # pinned in _cast, on either path
-            collate = params.pop("collate_fn", collate_pairs)
-            items = _SeededItems(self.dataset, self.seed, self.generators)
+            for key in ("num_workers", "pin_memory", "collate_fn"):  # used here, not there
+                params.pop(key, None)
             if self.seed is not None:
                 # The loader processes' base seed is drawn from this generator,
                 # not from (and so without advancing) the global one.
                 params.setdefault("generator", torch.Generator().manual_seed(self.seed))
-            if self.num_workers:
-                if "fork" in multiprocessing.get_all_start_methods():
-                    # A Dask worker's default start method is spawn, which
-                    # pickles the dataset by reference and so fails for a
-                    # class defined in the fitting script (Dask sent it by
-                    # value); fork, torch's usual default on Linux, copies it.
-                    params.setdefault("multiprocessing_context", "fork")
-                self._loader = LoaderProcesses(items, self.num_workers, collate, params)
-            else:
-                params.pop("prefetch_factor", None)
-                params.pop("persistent_workers", None)
-                self._loader = DataLoader(
-                    items, batch_sampler=self._requests, collate_fn=collate, **params
-                )
+            if "fork" in multiprocessing.get_all_start_methods():
+                # A Dask worker's default start method is spawn, which
+                # pickles the dataset by reference and so fails for a
+                # class defined in the fitting script (Dask sent it by
+                # value); fork, torch's usual default on Linux, copies it.
+                params.setdefault("multiprocessing_context", "fork")
+            self._loader = LoaderProcesses(self._items, self.num_workers, self._collate, params)
         return self._loader
 
-    @property
-    def _loads_on_thread(self) -> bool:
-        """Whether loads run on :attr:`_thread` (see the class's notes on prefetching)."""
-        return self.num_workers > 0 or not self.generators
-
     def _start(self, epoch: int, rows: Rows) -> Iterator:
-        """The loader's iterator over a batch per row of ``rows``, examples of ``epoch``.
+        """The loader processes' batches, one per row of ``rows``, examples of ``epoch``.
 
-        Run only on :attr:`_thread` when it loads.
+        Run only on :attr:`_thread`.
         """
         loader = self._open_loader()
-        if isinstance(loader, LoaderProcesses):
-            # As index arrays, not keys: an epoch of a large set is a few
-            # megabytes to send, where its (epoch, index) tuples are a
-            # hundred bytes per example.
-            loader.stream(epoch, [row.numpy() for row in rows])
-            return (loader.next() for _ in range(len(rows)))
-        self._requests.batches = ([(epoch, i) for i in row.tolist()] for row in rows)
-        self._requests.count = len(rows)
-        return iter(loader)
-
-    def _load(self, parts: list[torch.Tensor]) -> list:
-        """The collated ``parts`` of one take; run only on :attr:`_thread` when it loads."""
-        iterator = self._start(self.epoch, parts)
-        return [next(iterator) for _ in parts]
+        # As index arrays, not keys: an epoch of a large set is a few
+        # megabytes to send, where its (epoch, index) tuples are a
+        # hundred bytes per example.
+        loader.stream(epoch, [row.numpy() for row in rows])
+        return (loader.next() for _ in range(len(rows)))
 
     @property
     def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        # One thread loads (or talks to the loader processes), so that the
-        # reads, or the loader's hand-shake when a stream starts, happen
-        # beside the computation rather than in it. It seeds no global
-        # generator: see _loads_on_thread.
+        # One thread talks to the loader processes, so that a stream's
+        # hand-shake happens beside the computation rather than in it.
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, "adadamp-loader")
         return self._executor
 
     def prefetch(self, indices: torch.Tensor) -> None:
-        """Start loading the coming takes, the rows of ``indices``, beside the computation.
+        """Have the loader processes read the coming takes, the rows of ``indices``, ahead.
 
         The rows become a :class:`_Stream` unless the current one already
-        expects the first; a 1-D ``indices`` is one take.
+        expects the first; a 1-D ``indices`` is one take. Without loader
+        processes, nothing is read ahead.
         """
-        if not self._loads_on_thread or not len(indices):
+        if not self.num_workers or not len(indices):
             return
         rows = indices if indices.dim() == 2 else indices.unsqueeze(0)
         with self._lock:
             if self._stream is None or not self._stream.expects(rows[0]):
-                read_ahead = self.num_workers == 0
-                self._stream = _Stream(rows, self.epoch, self._thread, self._start, read_ahead)
+                self._stream = _Stream(rows, self.epoch, self._thread, self._start)
 
     def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             if self._stream is not None and self._stream.expects(indices):
                 parts = [self._stream.next_batch()]
-            else:
+            elif self.num_workers:
                 self._stream = None
                 rows = self._parts(indices)
-                if self._loads_on_thread:
-                    parts = self._thread.submit(self._load, rows).result()
-                else:
-                    parts = self._load(rows)
+                batches = self._thread.submit(self._start, self.epoch, rows).result()
+                parts = list(batches)
+            else:
+                parts = [read_batch(self._items, self._collate, self.epoch, indices)]
         # A loader process's parts come back as NumPy arrays (they travel by value);
         # a lone part is used as it is, not copied by a concatenation.
         X, y = (
@@ -601,7 +545,7 @@ class DatasetExamples:
         # Loader processes and their queues belong to this process: a copy
         # (on a Dask worker) starts its own.
         state = self.__dict__.copy()
-        state["_loader"], state["_stream"], state["_requests"] = None, None, _Requests()
+        state["_loader"], state["_stream"] = None, None
         state["_executor"] = None
         del state["_lock"]
         return state

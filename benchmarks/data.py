@@ -6,8 +6,8 @@ same run: as arrays (gathered from memory) and as a transform-free
 ``torch.utils.data.Dataset`` (read with ``dataset[i]`` per example, through
 the loader settings the README recommends: a loader process per rank,
 ``iterator_train__num_workers=1``, where the machine has a core to spare
-beside each rank, else ``0``, each rank's next slice read on a thread while
-the current one computes; ``--num-workers N`` sets N for every engine),
+beside each rank, else ``0``, each rank reading its slice of every update
+itself; ``--num-workers N`` sets N for every engine),
 with ``random_state`` (the reads draw nothing, so nothing is seeded) and
 without (``dataset_unseeded``). Engines: ``local``,
 ``decentralized`` on 1 and 2 Dask workers. Figures: steady-state ms per

@@ -98,6 +98,10 @@ def test_close_stops_every_process():
 def test_an_unknown_setting_is_refused_by_name():
     with pytest.raises(TypeError, match="iterator_train__drop_last_batches"):
         loader(Rows(), drop_last_batches=True)
+    # With or without loader processes, before anything is read.
+    for num_workers in (0, 1):
+        with pytest.raises(TypeError, match="iterator_train__in_order"):
+            DatasetExamples(Rows(), loader_params={"num_workers": num_workers, "in_order": True})
 
 
 def test_examples_with_loader_processes_read_where_the_processes_run():
