@@ -29,6 +29,7 @@ update (the vote rides in the reduced buffer).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -40,7 +41,7 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from ..dampers import BaseDamper
-from ..scaling import available_workers
+from ..scaling import available_workers, taking_tasks
 from ..state import TrainState
 from . import _mailbox, _worker
 from ._dask import DaskEngine
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 # Seconds between checks that a segment's workers are still alive.
 LIVENESS_POLL_S = 1.0
+# Seconds between checks, while the client waits on a segment's worker, that no rank failed.
+FAILURE_POLL_S = 0.02
 # What a rank raises when a peer or its own worker goes away.
 _LOST_WORKER_ERRORS = (dist.DistError, KilledWorker, CommClosedError, OSError)
 
@@ -273,7 +276,8 @@ class DecentralizedEngine(DaskEngine):
         present = set(available_workers(self.client))
         if not present.intersection(running.workers):
             return
-        self.client.run(
+        self._run_on(
+            running,
             _mailbox.deliver,
             running.token,
             word,
@@ -281,6 +285,39 @@ class DecentralizedEngine(DaskEngine):
             wait=wait,
             on_error="return",  # a worker gone is noticed while waiting for the ranks
         )
+
+    def _run_on(self, running: _Running, function, *args, **kwargs) -> dict | None:
+        """``client.run(function, *args, **kwargs)``, or None if a rank of ``running`` fails first.
+
+        A run on a worker that died, but that the scheduler still listed (it
+        died a moment ago), waits out Dask's connect timeouts: 30 s by
+        default. Its peers notice at once (a sum with a dead peer fails), and
+        their tasks' failure ends the wait instead; so does the scheduler
+        no longer listing a worker of the run, asked every
+        :data:`LIVENESS_POLL_S`. The run goes on without being waited for,
+        so the living workers still get it.
+        """
+        targets = set(kwargs.get("workers") or running.workers)
+
+        async def run() -> dict | None:
+            call = asyncio.ensure_future(
+                self.client.run(function, *args, asynchronous=True, **kwargs)
+            )
+            call.add_done_callback(lambda done: done.cancelled() or done.exception())
+            loop = asyncio.get_running_loop()
+            next_check = loop.time() + LIVENESS_POLL_S
+            while not call.done():
+                if any(future.status == "error" for future in running.futures):
+                    return None
+                if loop.time() >= next_check:
+                    listed = await self.client.scheduler.identity(n_workers=-1)
+                    if not targets <= set(taking_tasks(listed["workers"])):
+                        return None
+                    next_check = loop.time() + LIVENESS_POLL_S
+                await asyncio.wait({call}, timeout=FAILURE_POLL_S)
+            return call.result()
+
+        return self.client.sync(run)
 
     def _end_segment(self, tell_ranks: bool = True, wait: bool = True) -> None:
         """Let go of the running segment's tasks, first telling its ranks to end (``tell_ranks``).
@@ -317,9 +354,10 @@ class DecentralizedEngine(DaskEngine):
                 time.sleep(LIVENESS_POLL_S)
             else:
                 with contextlib.suppress(Exception):  # gone since, or unreachable: see below
-                    got = self.client.run(
-                        _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
-                    )[rank0]
+                    taken = self._run_on(
+                        running, _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
+                    )
+                    got = None if taken is None else taken[rank0]
             if got is not None:
                 assert isinstance(got, Handoff) and got.epoch == epoch
                 return got
@@ -333,7 +371,7 @@ class DecentralizedEngine(DaskEngine):
             if not stop_asked and self._more_ready():
                 # Workers this short segment wants are ready: stop it at
                 # the next update, to restart on them.
-                self.client.run(request_stop, running.token, workers=[rank0])
+                self._run_on(running, request_stop, running.token, workers=[rank0])
                 stop_asked = True
             # A rank whose worker died is rescheduled nowhere (it is pinned):
             # notice the worker's absence instead of waiting forever. Two
