@@ -66,10 +66,9 @@ def check_settings(settings: dict) -> None:
 def read_batch(items, collate_fn: Callable[[list], Any], epoch: int, row) -> Any:
     """The collated items of the indices ``row`` (a tensor or array) of ``epoch``.
 
-    ``items`` reads keys ``(epoch, index)`` in one ``__getitems__`` call,
-    as a ``DataLoader`` fetches a batch.
+    ``items`` reads them in one ``items.read(epoch, indices)`` call.
     """
-    return collate_fn(items.__getitems__([(epoch, i) for i in row.tolist()]))
+    return collate_fn(items.read(epoch, row.tolist()))
 
 
 def _portable(batch: Any) -> Any:
@@ -149,9 +148,9 @@ class LoaderProcesses:
 
     Parameters
     ----------
-    items : Dataset
-        Read through ``items.__getitems__(keys)``, one call per batch, with
-        keys ``(epoch, index)``.
+    items
+        Read through ``items.read(epoch, indices)``, one call per batch
+        (:func:`read_batch`).
     count : int
         How many processes.
     collate_fn : callable

@@ -210,8 +210,8 @@ def _seed_generators(generators: tuple[str, ...], seed: int) -> None:
         _SEED[name](seed)
 
 
-class _SeededItems(TorchDataset):
-    """``dataset[i]`` for keys ``(epoch, i)``, its randomness seeded from ``(seed, epoch, i)``.
+class _SeededItems:
+    """``dataset[i]`` of an epoch, its randomness seeded from ``(seed, epoch, i)``.
 
     The global ``generators`` (names from :data:`GENERATORS`) are seeded
     before each item and restored after the batch, so that a transform
@@ -226,25 +226,19 @@ class _SeededItems(TorchDataset):
     def __init__(self, dataset: TorchDataset, seed: int | None, generators: tuple[str, ...]):
         self.dataset, self.seed, self.generators = dataset, seed, generators
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]):
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        # A DataLoader fetches a whole batch through this: the generators are
-        # saved and restored once per batch (saving NumPy's costs ~0.1 ms).
+    def read(self, epoch: int, indices: list[int]) -> list:
+        """The items of ``indices`` as read in ``epoch``."""
         if self.seed is None or not self.generators:
-            indices = [index for _, index in keys]
             read_batch = getattr(self.dataset, "__getitems__", None)
             if callable(read_batch):
                 return list(read_batch(indices))
             return [self.dataset[index] for index in indices]
         seed, generators = self.seed, self.generators
+        # Saved and restored once per batch: saving NumPy's costs ~0.1 ms.
         with _restored_generators(generators):
             return [
-                _seeded_read(self.dataset, generators, item_seed(seed, e, i), i) for e, i in keys
+                _seeded_read(self.dataset, generators, item_seed(seed, epoch, i), i)
+                for i in indices
             ]
 
 
