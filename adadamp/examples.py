@@ -229,9 +229,9 @@ class _SeededItems:
     def read(self, epoch: int, indices: list[int]) -> list:
         """The items of ``indices`` as read in ``epoch``."""
         if self.seed is None or not self.generators:
-            read_batch = getattr(self.dataset, "__getitems__", None)
-            if callable(read_batch):
-                return list(read_batch(indices))
+            read_many = getattr(self.dataset, "__getitems__", None)
+            if callable(read_many):
+                return list(read_many(indices))
             return [self.dataset[index] for index in indices]
         seed, generators = self.seed, self.generators
         # Saved and restored once per batch: saving NumPy's costs ~0.1 ms.
@@ -342,8 +342,8 @@ class DatasetExamples:
     calling thread, when it is asked for: a thread beside the computation
     hid nothing of the reads, which hold the interpreter lock that the
     computation's operators take back between calls, and it cost a
-    hand-off per take (``benchmarks/data.py``: 1.26 to 1.29 times the
-    arrays' update on two ranks, against 1.11 to 1.16 read in the rank).
+    hand-off per take (``benchmarks/data.py``: 1.26 to 1.37 times the
+    arrays' update on two ranks, against 1.09 to 1.23 read in the rank).
 
     Parameters
     ----------
