@@ -342,7 +342,7 @@ class DaskEngine(Engine):
         if damper.adaptive or not self.scaler.can_scale:
             return
         plan, at = self._plan_from(damper, state, offset)
-        if at == len(plan.workers):
+        if not plan.workers:  # an empty training set plans no update
             return
         self.scaler.keep = max(self._found_workers, plan.most_workers_from[at])
         latency = self.scaler.start_latency_s or DEFAULT_START_LATENCY_S
