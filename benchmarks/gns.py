@@ -107,22 +107,22 @@ def statistics_work(hidden, X, y) -> dict[str, float]:
     def gradient(micro: int | None, norms=None) -> None:
         for p in params:
             p.grad = None
-        _step.accumulate_gradient_sum(module, criterion, X, y, micro, norms)
+        _step.accumulate_gradient(module, criterion, X, y, BATCH_SIZE, micro, norms)
 
     def finish(piece_sq: float, pieces: int, tensors) -> None:
-        mean_sq = _step.squared_norm(tensors) / BATCH_SIZE**2
+        mean_sq = _step.squared_norm(tensors)
         raw = _step.gradient_stats(mean_sq, piece_sq, pieces, BATCH_SIZE)
         gns.lr_gain("adascale", BATCH_SIZE, BATCH_SIZE, gns.smoothed(averages, raw))
 
     def split() -> None:
-        norms = _step.PieceNorms(lambda: _step.gradient_tensors(params))
+        norms = _step.PieceNorms(lambda: _step.gradient_tensors(params), BATCH_SIZE)
         gradient(BATCH_SIZE // 2, norms)
         finish(*norms.result(), _step.gradient_tensors(params))
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
 
     def rank_of_two() -> None:
-        norms = _step.PieceNorms(lambda: [flat])
+        norms = _step.PieceNorms(lambda: [flat], BATCH_SIZE)
         norms(BATCH_SIZE // 2, last=True)
         piece_sq, pieces = norms.result()
         finish(2 * piece_sq, 2 * pieces, [flat])  # the other rank's piece, as if alike

@@ -114,12 +114,14 @@ def training_loss(
 def rank_gradient(
     model: RankModel,
     indices: torch.Tensor,
+    batch_size: int,
     coming: torch.Tensor | None = None,
     norms: _step.PieceNorms | None = None,
     alone: bool = False,
 ) -> float:
-    """Add the summed gradients over ``indices`` into ``p.grad``; return the summed loss.
+    """Add ``indices``' share of a ``batch_size`` batch's mean gradient into ``p.grad``.
 
+    Returns the summed loss over ``indices``.
     ``coming``, the slices this rank will likely take from this one on (a
     row each), is handed to the examples first, so that they can load the
     next ones while this one computes. With
@@ -135,7 +137,7 @@ def rank_gradient(
     micro = model.config.worker_max_batch_size
     if norms is not None:
         micro = _step.stats_micro_batch(micro, len(indices), alone)
-    return _step.accumulate_gradient_sum(model.module, model.criterion, X, y, micro, norms)
+    return _step.accumulate_gradient(model.module, model.criterion, X, y, batch_size, micro, norms)
 
 
 def step(
@@ -149,13 +151,13 @@ def step(
     needs_stats: bool,
     gradients: list[torch.Tensor] | None = None,
 ) -> tuple[float, float, dict[str, float]]:
-    """Finish update number ``update`` once ``p.grad`` holds the gradient sum over the batch.
+    """Finish update number ``update`` once ``p.grad`` holds the batch's mean gradient.
 
     Checks the loss for divergence, computes the gradient statistics (from
     ``piece_sq_sum`` and ``pieces``, see :class:`~._step.PieceNorms`, summed
     over the ranks) and takes the optimizer step. Returns ``(mean loss,
     learning rate, raw statistics)``. ``gradients``: the tensors that hold
-    the gradient sum, if the caller has them at hand (default: every
+    the gradient, if the caller has them at hand (default: every
     parameter's ``grad``).
     """
     loss = loss_sum / plan.batch_size
@@ -165,9 +167,9 @@ def step(
     if needs_stats:
         if gradients is None:
             gradients = _step.gradient_tensors(model.module.parameters())
-        mean_sq = _step.squared_norm(gradients) / plan.batch_size**2
+        mean_sq = _step.squared_norm(gradients)
         stats = _step.gradient_stats(mean_sq, piece_sq_sum, pieces, plan.batch_size)
-    _step.apply_update(model.optimizer, base_lrs, plan.lr_factor, plan.batch_size)
+    _step.apply_update(model.optimizer, base_lrs, plan.lr_factor)
     return loss, lr, stats
 
 
@@ -253,9 +255,14 @@ def run_updates(
                 coming = order[offset + lo :].unfold(0, hi - lo, plan.batch_size)
                 norms = None
                 if span:
-                    norms = _step.PieceNorms(gradients)
+                    norms = _step.PieceNorms(gradients, plan.batch_size)
                 extras[LOSS] = rank_gradient(
-                    model, order[offset + lo : offset + hi], coming, norms, alone=alone
+                    model,
+                    order[offset + lo : offset + hi],
+                    plan.batch_size,
+                    coming,
+                    norms,
+                    alone=alone,
                 )
                 if norms is not None:
                     extras[PIECE_SQ], extras[PIECES] = norms.result()

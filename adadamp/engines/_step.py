@@ -1,9 +1,10 @@
 """The gradient and update routine that every engine shares.
 
-A model update over ``B`` examples split into ``P`` slices is: each worker sums
-per-example gradients over its slice (:func:`accumulate_gradient_sum`), the
-sums are added over workers, divided by ``B``, and one optimizer step is taken
-(:func:`apply_update`). Because workers add sums rather than averaging means,
+A model update over ``B`` examples split into ``P`` slices is: each worker adds
+its slice's share of the batch's mean gradient, the per-example gradients summed
+over its slice and divided by ``B`` (:func:`accumulate_gradient`), the shares
+are added over workers, and one optimizer step is taken (:func:`apply_update`).
+Because workers add shares of one mean rather than averaging their own means,
 the result does not depend on ``P``.
 """
 
@@ -33,54 +34,61 @@ def split_slices(batch_size: int, workers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def accumulate_gradient_sum(
+def accumulate_gradient(
     module: nn.Module,
     criterion: nn.Module,
     X: torch.Tensor,
     y: torch.Tensor,
+    batch_size: int,
     micro_batch: int | None = None,
     on_piece: Callable[[int, bool], None] | None = None,
 ) -> float:
-    """Add the *sum* of per-example gradients over ``X, y`` into ``p.grad``.
+    """Add ``X, y``'s share of a ``batch_size`` batch's mean gradient into ``p.grad``.
 
-    Works in micro-batches of at most ``micro_batch`` examples so memory stays
-    bounded whatever the slice size. ``criterion`` must average over its batch
-    (PyTorch's default ``reduction='mean'``); the mean is scaled back to a sum.
-    ``on_piece``, if given, is called with each micro-batch's size right after
-    its backward pass (see :class:`PieceNorms`). Returns the summed loss over
-    the examples.
+    The share is the sum of per-example gradients over ``X, y`` divided by
+    ``batch_size``. Works in micro-batches of at most ``micro_batch``
+    examples so memory stays bounded whatever the slice size. ``criterion``
+    must average over its batch (PyTorch's default ``reduction='mean'``).
+    ``on_piece``, if given, is called with each micro-batch's size right
+    after its backward pass (see :class:`PieceNorms`). Returns the summed
+    loss over the examples.
     """
     n = len(X)
     step = n if not micro_batch else micro_batch
     loss_sum = 0.0
     for start in range(0, n, max(step, 1)):
         xb, yb = X[start : start + step], y[start : start + step]
-        loss = criterion(module(xb), yb) * len(xb)
-        loss.backward()
-        loss_sum += float(loss.detach())
+        size = len(xb)
+        mean = criterion(module(xb), yb)
+        # Scaling the scalar loss costs nothing; dividing the gradients
+        # afterwards was a pass over all of them (3% of a small model's update).
+        (mean if size == batch_size else mean * (size / batch_size)).backward()
+        loss_sum += float(mean.detach()) * size
         if on_piece is not None:
-            on_piece(len(xb), start + step >= n)
+            on_piece(size, start + step >= n)
     return loss_sum
 
 
 class PieceNorms:
-    """``sum_i |s_i|^2 / b_i`` over the pieces of a gradient sum built piece by piece.
+    """``sum_i |s_i|^2 / b_i`` over the pieces of a gradient built piece by piece.
 
-    A piece is one micro-batch of :func:`accumulate_gradient_sum`; ``s_i`` is
-    its gradient sum, the change it made to the gradients, and ``b_i`` its
-    size. The gradients are read through ``tensors`` (called anew per piece:
+    A piece is one micro-batch of :func:`accumulate_gradient`, ``b_i`` its
+    size and ``s_i`` its gradient sum: ``batch_size`` times the change it
+    made to the gradients, which hold shares of a ``batch_size`` batch's
+    mean. The gradients are read through ``tensors`` (called anew per piece:
     ``p.grad`` may only be allocated by the first backward pass) and must be
     zero when the first piece starts. With ``g_i`` the gradients after piece
-    ``i``, ``s_i = g_i - g_(i-1)``: the copy of ``g_(i-1)`` kept for it
-    becomes ``-s_i`` in place, then ``g_i`` for the next piece (no copy after
+    ``i``, the change is ``g_i - g_(i-1)``: the copy of ``g_(i-1)`` kept for it
+    becomes its negative in place, then ``g_i`` for the next piece (no copy after
     the last), nothing per example. Subtracting before the norm is exact
     where expanding ``|g_i - g_(i-1)|^2`` into dot products cancels, and
     takes two fused operators where a dot product per tensor took one call
     each (about 170 to 110 µs for two pieces of benchmarks' small MLP).
     """
 
-    def __init__(self, tensors: Callable[[], Sequence[torch.Tensor]]):
+    def __init__(self, tensors: Callable[[], Sequence[torch.Tensor]], batch_size: int):
         self.tensors = tensors
+        self.batch_sq = float(batch_size) ** 2
         self.previous: list[torch.Tensor] | None = None  # g_(i-1); None: all zeros
         self.count = 0
         self.sq_sum: torch.Tensor | float = 0.0
@@ -92,12 +100,12 @@ class PieceNorms:
             if not last:
                 self.previous = [t.clone() for t in now]
         else:
-            torch._foreach_sub_(self.previous, now)  # now -s_i
+            torch._foreach_sub_(self.previous, now)  # now -s_i / batch_size
             piece_sq = squared_norm_sum(self.previous)
             if not last:
                 torch._foreach_copy_(self.previous, now)
         # Kept as a tensor: no device sync per piece.
-        self.sq_sum = self.sq_sum + piece_sq / size
+        self.sq_sum = self.sq_sum + piece_sq * (self.batch_sq / size)
         self.count += 1
 
     def result(self) -> tuple[float, int]:
@@ -173,18 +181,12 @@ def apply_update(
     optimizer: torch.optim.Optimizer,
     base_lrs: Sequence[float],
     lr_factor: float,
-    batch_size: int,
 ) -> None:
-    """Turn the summed gradients of the optimizer's parameters into a mean and take one step.
+    """Take one optimizer step, at the base learning rates times ``lr_factor``.
 
     Gradients are left in place: callers zero them before the next update
     (the decentralized engine keeps them as views of one flat buffer).
     """
-    # The optimizer's own list of parameters: walking the module's tree
-    # each update costs as much as the division itself on a small model.
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    grads = [g for g in grads if g is not None]
-    torch._foreach_div_(grads, batch_size)
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base * lr_factor
     optimizer.step()

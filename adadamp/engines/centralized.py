@@ -1,8 +1,8 @@
 """The centralized engine: the paper's synchronous parameter server on Dask.
 
-Per model update, ``P`` gradient tasks compute summed gradients of their
-slice on the current weights, and one update task (the parameter server)
-adds them, divides by ``B`` and takes the optimizer step. The weights reach
+Per model update, ``P`` gradient tasks compute their slice's share of the
+batch's mean gradient on the current weights, and one update task (the
+parameter server) adds them and takes the optimizer step. The weights reach
 the gradient tasks as a Dask future of tensors, so they travel worker to
 worker without passing through the client; the training set travels once per
 worker per fit (see :mod:`._worker`).
@@ -67,11 +67,12 @@ def gradient_task(
     payload: _worker.PayloadRef,
     weights: Weights,
     indices: torch.Tensor,
+    batch_size: int,
     with_pieces: bool,
     epoch: int,
     alone: bool = False,
 ) -> tuple[list[torch.Tensor], float, float, int]:
-    """Summed gradients over ``indices`` at ``weights``.
+    """``indices``' share of a ``batch_size`` batch's mean gradient at ``weights``.
 
     Returns ``(grads, loss sum, sum_i |s_i|^2 / b_i, pieces)``: the last two
     are the per-piece norms of the gradient statistics (zeros without
@@ -84,8 +85,12 @@ def gradient_task(
     model.optimizer.zero_grad(set_to_none=True)
     norms = None
     if with_pieces and len(indices):
-        norms = _step.PieceNorms(lambda: _step.gradient_tensors(model.module.parameters()))
-    loss = rank_gradient(model, indices.to(model.examples.device), norms=norms, alone=alone)
+        norms = _step.PieceNorms(
+            lambda: _step.gradient_tensors(model.module.parameters()), batch_size
+        )
+    loss = rank_gradient(
+        model, indices.to(model.examples.device), batch_size, norms=norms, alone=alone
+    )
     grads = [g.detach().cpu() for g in _step.gradient_tensors(model.module.parameters())]
     piece_sq, pieces = norms.result() if norms is not None else (0.0, 0)
     return grads, loss, piece_sq, pieces
@@ -100,7 +105,7 @@ def update_task(
     needs_stats: bool,
     *results,
 ) -> tuple[ServerState, Weights, UpdateInfo]:
-    """The parameter server's step: add the workers' sums, divide by ``B``, step."""
+    """The parameter server's step: add the workers' shares of the mean gradient, step."""
     model = _worker.worker_model(payload)
     _worker.load_state(model, server.module_state, server.optimizer_state, server.token)
     for i, p in enumerate(model.module.parameters()):
@@ -217,6 +222,7 @@ class CentralizedEngine(DaskEngine):
                     payload,
                     weights,
                     batch[lo:hi].clone(),
+                    plan.batch_size,
                     span > 0,
                     epoch,
                     len(workers) == 1,
