@@ -213,9 +213,7 @@ def _chain(error: BaseException) -> list[BaseException]:
 def test_rendezvous_listens_only_on_the_workers_address(cli_cluster):
     client = cli_cluster.client
     w0 = available_workers(client)[0]
-    host, port = client.submit(
-        _worker.open_rendezvous, "tok", workers=[w0], allow_other_workers=False, pure=False
-    ).result(timeout=30)
+    host, port = client.run(_worker.open_rendezvous, "tok", workers=[w0])[w0]
     try:
         assert host == "127.0.0.1"
         listening = client.run(listening_ports, workers=[w0])[w0]

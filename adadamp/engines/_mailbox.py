@@ -5,11 +5,12 @@ epoch's end rank 0 posts the epoch's result here (:func:`post`). The client
 takes it with ``client.run(take, ...)``, a coroutine on the worker's event
 loop that wakes as soon as it is posted, runs its epoch-end work (history,
 validation, callbacks), and delivers its word on the next epoch to every
-rank with ``client.run(deliver, ...)``; the ranks, which ran on into that
-epoch meanwhile, look for it (:func:`has_word`) and read it
-(:func:`wait_word`). A ``client.run`` round trip costs about a millisecond;
-a round of Dask tasks (submit, schedule, run, fetch the result) costs ten or
-more, which is several updates of a small model.
+rank in the same ``client.run`` that takes the next epoch's result
+(:func:`exchange`); the ranks, which ran on into that epoch meanwhile, look
+for it (:func:`has_word`) and read it (:func:`wait_word`). A ``client.run``
+round trip costs one to a few milliseconds; a round of Dask tasks (submit,
+schedule, run, fetch the result) costs ten or more, which is several updates
+of a small model.
 
 Everything is keyed by the segment's token; a segment has at most one
 result and one word in flight at a time."""
@@ -67,6 +68,18 @@ async def deliver(token: str, word: Any) -> None:
     with _lock:
         _words[token] = word
         _lock.notify_all()
+
+
+async def exchange(token: str, word: Any, timeout: float, taker: str, dask_worker=None) -> Any:
+    """:func:`deliver` ``word``, then, on the worker at address ``taker`` only, :func:`take`.
+
+    The client's word on an epoch and its wait for that epoch's result in
+    one round trip (``client.run`` hands the worker in as ``dask_worker``).
+    """
+    await deliver(token, word)
+    if dask_worker is None or dask_worker.address != taker:
+        return None
+    return await take(token, timeout)
 
 
 def has_word(token: str) -> bool:

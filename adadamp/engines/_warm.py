@@ -108,5 +108,8 @@ class WorkerWarmer:
             self._thread.join()
         with self._lock:
             tasks, self._tasks = list(self._tasks.values()), {}
-        if tasks:
-            self.client.cancel(tasks)
+        # Released, not cancelled: a cancel waits for the scheduler's answer
+        # (milliseconds of every fit), a release is one message, and a
+        # warm-up still queued or running is let go all the same.
+        for task in tasks:
+            task.release()

@@ -202,19 +202,19 @@ def export_state(model: WorkerModel) -> tuple[dict, dict]:
 _RENDEZVOUS: dict[str, socket.socket] = {}
 
 
-def open_rendezvous(token: str) -> tuple[str, int]:
+def open_rendezvous(token: str, dask_worker) -> tuple[str, int]:
     """Bind a listening socket for a segment's store on this worker's own address.
 
-    The address is the one Dask reaches this worker at, not every interface;
+    Run with ``client.run``, which hands the worker in as ``dask_worker``: a
+    call, where a task's round trip waits on Dask's batched messages (10 to
+    20 ms). The address is the one Dask reaches this worker at, not every interface;
     the socket stays bound until rank 0 hands it to ``torch.distributed.TCPStore``
     (:func:`take_rendezvous`), so no other process can take the port between
     choosing and listening. Returns ``(host, port)`` for the other ranks.
     """
     from urllib.parse import urlparse
 
-    from distributed import get_worker
-
-    host = urlparse(get_worker().address).hostname or "127.0.0.1"
+    host = urlparse(dask_worker.address).hostname or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((host, 0))

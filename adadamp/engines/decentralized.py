@@ -111,14 +111,12 @@ class DecentralizedEngine(DaskEngine):
             target = self._running.target
             self.note_rescale(state.model_updates, len(self._running.workers), target)
             self._end_segment()
+        word = None  # for a segment that runs on: the client's word on this epoch
         if self._running is not None:
-            self._deliver(
-                self._running,
-                GoOn(
-                    epoch,
-                    _worker.optimizer_settings(self.optimizer),
-                    self._changed_weights(module_state),
-                ),
+            word = GoOn(
+                epoch,
+                _worker.optimizer_settings(self.optimizer),
+                self._changed_weights(module_state),
             )
         while True:
             if self._running is None:
@@ -150,9 +148,10 @@ class DecentralizedEngine(DaskEngine):
                     )
                 )
             try:
-                handoff = self._await_handoff(epoch)
+                handoff = self._await_handoff(epoch, word)
+                word = None
             except _LostWorkers as lost:
-                restarts += 1
+                restarts, word = restarts + 1, None
                 self._end_segment()
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(
@@ -213,9 +212,9 @@ class DecentralizedEngine(DaskEngine):
             raise RuntimeError("The Dask cluster has no workers left to train on.")
         self.settle_rescale(len(workers))
         if len(workers) > 1:
-            start.rendezvous = self.client.submit(
-                _worker.open_rendezvous, start.token, workers=[workers[0]], pure=False
-            ).result()
+            start.rendezvous = self.client.run(
+                _worker.open_rendezvous, start.token, workers=[workers[0]]
+            )[workers[0]]
         payload = self.ensure_payload()
         # A segment's starting weights go to the cluster once; ranks fetch them
         # from there. A start without weights (the fit's first segment) is a
@@ -269,8 +268,8 @@ class DecentralizedEngine(DaskEngine):
             running.workers
         )
 
-    def _deliver(self, running: _Running, word: GoOn | None, wait: bool = True) -> None:
-        """Give a segment's ranks the client's word (see :mod:`._mailbox`); None ends it."""
+    def _tell_end(self, running: _Running) -> None:
+        """Tell a segment's ranks to end (a word of None, see :mod:`._mailbox`), without waiting."""
         # Only to workers the scheduler still has: a run on a lost one waits
         # for its connect timeouts; a rank lost is noticed while waiting for the ranks.
         present = set(available_workers(self.client))
@@ -280,10 +279,10 @@ class DecentralizedEngine(DaskEngine):
             running,
             _mailbox.deliver,
             running.token,
-            word,
+            None,
             workers=[w for w in running.workers if w in present],
-            wait=wait,
-            on_error="return",  # a worker gone is noticed while waiting for the ranks
+            wait=False,
+            on_error="return",
         )
 
     def _run_on(self, running: _Running, function, *args, **kwargs) -> dict | None:
@@ -332,21 +331,26 @@ class DecentralizedEngine(DaskEngine):
             return
         if tell_ranks:
             with contextlib.suppress(Exception):
-                self._deliver(running, None, wait=False)
+                self._tell_end(running)
         if wait:
             self.client.cancel(running.futures)
         else:
             for future in running.futures:
                 future.release()
 
-    def _await_handoff(self, epoch: int) -> Handoff:
-        """Wait for rank 0's hand-off of ``epoch``; a failed rank or a lost worker ends it."""
+    def _await_handoff(self, epoch: int, word: GoOn | None = None) -> Handoff:
+        """Wait for rank 0's hand-off of ``epoch``; a failed rank or a lost worker ends it.
+
+        ``word``: the client's word on ``epoch`` to a segment that runs on,
+        delivered to its ranks in the same call as the first wait.
+        """
         assert self._running is not None
         running = self._running
         rank0 = running.workers[0]
         misses, stop_asked = 0, False
         while True:
-            gone = set(running.workers) - set(available_workers(self.client))
+            present = set(available_workers(self.client))
+            gone = set(running.workers) - present
             got = None
             if rank0 in gone:
                 # A run on a worker the scheduler lost waits for its connect
@@ -354,12 +358,29 @@ class DecentralizedEngine(DaskEngine):
                 time.sleep(LIVENESS_POLL_S)
             else:
                 with contextlib.suppress(Exception):  # gone since, or unreachable: see below
-                    taken = self._run_on(
-                        running, _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
-                    )
+                    if word is None:
+                        taken = self._run_on(
+                            running, _mailbox.take, running.token, LIVENESS_POLL_S, workers=[rank0]
+                        )
+                    else:
+                        # Once only, even if the call fails: a word delivered
+                        # twice would be read as the next epoch's. Only to
+                        # workers the scheduler still has (see _tell_end); a
+                        # worker gone is noticed below.
+                        sent, word = word, None
+                        taken = self._run_on(
+                            running,
+                            _mailbox.exchange,
+                            running.token,
+                            sent,
+                            LIVENESS_POLL_S,
+                            rank0,
+                            workers=[w for w in running.workers if w in present],
+                            on_error="return",
+                        )
                     got = None if taken is None else taken[rank0]
-            if got is not None:
-                assert isinstance(got, Handoff) and got.epoch == epoch
+            if isinstance(got, Handoff):
+                assert got.epoch == epoch
                 return got
             failed = [f for f in running.futures if f.status == "error"]
             if failed:
