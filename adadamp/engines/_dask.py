@@ -135,10 +135,16 @@ class DaskEngine(Engine):
     # keeps more there names one of its own.
     release_fit = staticmethod(_worker.release_soon)
 
+    # Whether start() waits until the payload is on the cluster and every
+    # worker there has built the model. An engine whose first tasks take the
+    # payload as an argument, and go out with it, waits after sending them
+    # instead (:meth:`await_payload`): a round of Dask tasks fewer per fit.
+    waits_in_start = True
+
     def __init__(self) -> None:
         self._exit = contextlib.ExitStack()
-        self.payload_future = None
-        self._payload_sent = None
+        self.payload: Any = None  # the payload's future, from start() to close()
+        self._placed = self._published = False
         self.rescales: list[dict] = []
         self._rescale_began: tuple[dict, float] | None = None
         self.warmer: WorkerWarmer | None = None
@@ -183,27 +189,29 @@ class DaskEngine(Engine):
             examples=examples.to("cpu"),
             config=config,
         )
-        self.payload_future = None
         self.rescales = []
         self.epochs_run = 0
         self._timed = (0.0, 0)  # (seconds, examples) of the updates finished so far
         self._plan: _Plan | None = None  # see _plan_from
-        # The workers there now build the model before the first segment
-        # (its ranks would wait for the slowest of them anyway); those that
+        # Every worker builds the model ahead of its first task; those that
         # join later do it while training goes on. The warm-ups are sent
         # with the payload rather than after its round trip: Dask runs each
         # once the payload is in place, and a payload that fails fails them.
-        self._payload_sent = self.hold(self._payload)
+        self.payload = self.hold(self._payload)
+        self._placed = self._published = False
         self.payload_ref = _worker.PayloadRef(self.fit_id, f"adadamp-payload-{self.fit_id}")
         self.warmer = WorkerWarmer(
-            self.client, self.warm_up, (self.payload_ref, self._payload_sent), self.fit_id
+            self.client, self.warm_up, (self.payload_ref, self.payload), self.fit_id
         )
         self.warmer.start()
-        self.ensure_payload()
-        try:
-            self.warmer.wait(timeout=self.scaler.timeout)
-        except Exception as error:
-            raise self._payload_error(error) from error
+        if self.waits_in_start:
+            # The workers there now build the model before the first tasks
+            # (a group of them would wait for the slowest anyway).
+            self.ensure_payload()
+            try:
+                self.warmer.wait(timeout=self.scaler.timeout)
+            except Exception as error:
+                raise self._payload_error(error) from error
 
     def check_fits_in_workers(self, examples: Examples) -> None:
         """Raise before placing the payload when its data would not fit in a worker's memory."""
@@ -252,27 +260,36 @@ class DaskEngine(Engine):
             "script that fits (Dask then sends them by value)."
         )
 
-    def ensure_payload(self) -> _worker.PayloadRef:
-        """The payload's handle (created on first use).
+    def await_payload(self) -> None:
+        """Wait until the payload is on the cluster (at once after the first time).
 
         Raises the cluster's error at once when the payload cannot be built
         there (a scheduler or worker that cannot unpickle the module, a worker
         that dies holding it): workers waiting for it would wait forever.
         """
-        if self.payload_future is None:
-            future, self._payload_sent = self._payload_sent or self.hold(self._payload), None
-            with self.client.as_current():
-                try:
-                    wait([future], timeout=PAYLOAD_TIMEOUT_S)
-                except TimeoutError:
-                    future.cancel()
-                    raise self._payload_error(None) from None
-            if future.status == "error":
-                error = future.exception()
-                future.release()
-                raise self._payload_error(error) from error
-            self.payload_future = future
-            self.client.publish_dataset(self.payload_future, name=self.payload_ref.name)
+        if self._placed:
+            return
+        future = self.payload
+        with self.client.as_current():
+            try:
+                wait([future], timeout=PAYLOAD_TIMEOUT_S)
+            except TimeoutError:
+                raise self._payload_error(None) from None
+        if future.status == "error":
+            error = future.exception()
+            raise self._payload_error(error) from error
+        self._placed = True
+
+    def ensure_payload(self) -> _worker.PayloadRef:
+        """The handle of the payload, placed on the cluster and published under its name.
+
+        For tasks that fetch the payload by name, only if their worker has
+        not built the model (see :func:`~._worker.worker_model`).
+        """
+        self.await_payload()
+        if not self._published:
+            self.client.publish_dataset(self.payload, name=self.payload_ref.name)
+            self._published = True
         return self.payload_ref
 
     def ready_workers(self) -> list[str]:
@@ -436,7 +453,7 @@ class DaskEngine(Engine):
 
     def close(self) -> None:
         try:
-            if self.payload_future is not None:
+            if self.payload is not None:
                 # The workers forget the fit, which also wakes ranks waiting
                 # for a word. On a cluster that stays, in messages the fit
                 # does not wait for: on a short fit, waiting for them is a
@@ -447,9 +464,11 @@ class DaskEngine(Engine):
                     if self._embedded:
                         self.client.sync(_forget_fit, *forget)
                     else:
-                        self.client.loop.add_callback(_forget_fit, *forget)
-                self.payload_future.release()
-                self.payload_future = None
+                        loop = self.client.loop
+                        assert loop is not None  # a connected client has its loop
+                        loop.add_callback(_forget_fit, *forget)
+                self.payload.release()
+                self.payload = None
         finally:
             if self.warmer is not None:
                 with contextlib.suppress(Exception):

@@ -247,7 +247,13 @@ class EpochStart:
         segment.records = []
 
 
-def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, world: int) -> None:
+def run_segment(
+    ref: _worker.PayloadRef,
+    payload: _worker.FitPayload,
+    start: SegmentStart,
+    rank: int,
+    world: int,
+) -> None:
     """Run this rank's part of a segment: its epochs, until the worker count must change.
 
     One task per rank for the whole segment. At each epoch's end rank 0
@@ -261,8 +267,8 @@ def run_segment(payload: _worker.PayloadRef, start: SegmentStart, rank: int, wor
     wants another worker count, or the client asked for a stop, rank 0 posts
     the state at that update and the segment ends.
     """
-    model = _worker.worker_model(payload)
-    fit_id = payload.fit_id
+    model = _worker.worker_model(ref, payload)
+    fit_id = ref.fit_id
     given_up = _released_check(fit_id)
     segment = _join(model, fit_id, start, rank, world, given_up)
     token = segment.token

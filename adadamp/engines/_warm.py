@@ -69,6 +69,11 @@ class WorkerWarmer:
                         workers=[address],
                         allow_other_workers=False,
                         pure=False,
+                        # Ahead of the fit's other tasks on the worker, which
+                        # may go out with it (a rank's task would hold the
+                        # worker's thread for a whole segment): the worker
+                        # counts as ready once its warm-up is done.
+                        priority=1,
                         key=f"adadamp-warm-{self.key_prefix}-{len(self._tasks)}",
                     )
 
@@ -77,6 +82,12 @@ class WorkerWarmer:
         with self._lock:
             done = {a for a, task in self._tasks.items() if task.status == "finished"}
         return [a for a in available_workers(self.client) if a in done]
+
+    def warmed_or_warming(self) -> list[str]:
+        """The available workers that were sent a warm-up, finished or not, in Dask's order."""
+        with self._lock:
+            sent = set(self._tasks)
+        return [a for a in available_workers(self.client) if a in sent]
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the warm-ups sent so far; raise the first error.

@@ -84,6 +84,7 @@ class DecentralizedEngine(DaskEngine):
 
     name = "decentralized"
     warm_up = staticmethod(warm_rank)
+    waits_in_start = False
     release_fit = staticmethod(release_rank)
 
     def __init__(self) -> None:
@@ -119,35 +120,36 @@ class DecentralizedEngine(DaskEngine):
                 self._changed_weights(module_state),
             )
         while True:
-            if self._running is None:
-                if target is None:
-                    target = self.guess_workers(damper, state, offset)
-                # The first segment of a fit needs no state while the client's
-                # module is still the payload's and its optimizer has no state:
-                # every worker built its model from the payload (a large
-                # model's weights would otherwise travel twice).
-                pristine = (
-                    self._first_segment
-                    and not self.optimizer.state
-                    and self._changed_weights(module_state) is None
-                )
-                self._first_segment = False
-                self._start_segment(
-                    SegmentStart(
-                        epoch,
-                        offset,
-                        target,
-                        None if pristine else module_state,
-                        None if pristine else optimizer_state,
-                        damper,
-                        state,
-                        token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
-                        immediate=not damper.adaptive,
-                        rendezvous=("", 0),
-                        last_epoch=self._last_epoch(epoch),
-                    )
-                )
             try:
+                if self._running is None:
+                    if target is None:
+                        target = self.guess_workers(damper, state, offset)
+                    first, self._first_segment = self._first_segment, False
+                    # The first segment of a fit needs no state while the client's
+                    # module is still the payload's and its optimizer has no state:
+                    # every worker built its model from the payload (a large
+                    # model's weights would otherwise travel twice).
+                    pristine = (
+                        first
+                        and not self.optimizer.state
+                        and self._changed_weights(module_state) is None
+                    )
+                    self._start_segment(
+                        SegmentStart(
+                            epoch,
+                            offset,
+                            target,
+                            None if pristine else module_state,
+                            None if pristine else optimizer_state,
+                            damper,
+                            state,
+                            token=f"{self.fit_id}-{epoch}-{offset}-{restarts}",
+                            immediate=not damper.adaptive,
+                            rendezvous=("", 0),
+                            last_epoch=self._last_epoch(epoch),
+                        ),
+                        first,
+                    )
                 handoff = self._await_handoff(epoch, word)
                 word = None
             except _LostWorkers as lost:
@@ -205,9 +207,14 @@ class DecentralizedEngine(DaskEngine):
             return None
         return module_state
 
-    def _start_segment(self, start: SegmentStart) -> None:
-        """Start a new segment's ranks on the workers it gets (:meth:`_segment_workers`)."""
-        workers = self._segment_workers(start.target_workers)
+    def _start_segment(self, start: SegmentStart, first: bool) -> None:
+        """Start a new segment's ranks on the workers it gets (:meth:`_segment_workers`).
+
+        The fit's ``first`` segment goes out right behind the payload and its
+        warm-ups (see :attr:`waits_in_start`); the client waits for the
+        payload only then, while the ranks start.
+        """
+        workers = self._segment_workers(start.target_workers, first)
         if not workers:
             raise RuntimeError("The Dask cluster has no workers left to train on.")
         self.settle_rescale(len(workers))
@@ -215,7 +222,6 @@ class DecentralizedEngine(DaskEngine):
             start.rendezvous = self.client.run(
                 _worker.open_rendezvous, start.token, workers=[workers[0]]
             )[workers[0]]
-        payload = self.ensure_payload()
         # A segment's starting weights go to the cluster once; ranks fetch them
         # from there. A start without weights (the fit's first segment) is a
         # few kilobytes: it rides in the ranks' tasks, a round of tasks fewer.
@@ -223,7 +229,8 @@ class DecentralizedEngine(DaskEngine):
         futures: list = [
             self.client.submit(
                 run_segment,
-                payload,
+                self.payload_ref,
+                self.payload,
                 held,
                 rank,
                 len(workers),
@@ -237,25 +244,33 @@ class DecentralizedEngine(DaskEngine):
         if held is not start:
             futures.append(held)
         self._running = _Running(start.token, workers, start.target_workers, futures)
+        self.await_payload()
 
-    def _segment_workers(self, target: int) -> list[str]:
+    def _segment_workers(self, target: int, first: bool = False) -> list[str]:
         """The workers of a new segment that wants ``target`` of them.
 
         Training does not wait for workers to start: when fewer than
         ``target`` hold the fit's model, the cluster is asked for ``target``
         and the segment starts on those that do. It runs short until more are
         ready, and is then stopped and restarted on them (:meth:`_await_handoff`).
-        Only with no worker ready at all (a cluster without workers yet) is
-        the cluster scaled and waited for. Otherwise it is scaled to
+        For a fit's ``first`` segment, the workers its warm-ups went to count
+        as ready: its ranks run right after the warm-ups. Only with no worker
+        ready at all (a cluster without workers yet) is the cluster scaled
+        and waited for. Otherwise it is scaled to
         ``target`` (shrunk, as far as it may be) and the ready workers come first.
         """
-        ready = self.ready_workers()
+
+        def ready_workers() -> list[str]:
+            assert self.warmer is not None  # start() made it
+            return self.warmer.warmed_or_warming() if first else self.ready_workers()
+
+        ready = ready_workers()
         if ready and target > len(ready):
             self.scaler.request(target)
             self.scaler.running_on(len(ready))
             return ready
         world = self.scale_to(target)
-        ready = self.ready_workers()  # again: shrinking may have retired some
+        ready = ready_workers()  # again: shrinking may have retired some
         others = [w for w in self.scaler.workers() if w not in ready]
         return (ready + others)[:world]
 
