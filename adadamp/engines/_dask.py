@@ -11,6 +11,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +139,8 @@ class DaskEngine(Engine):
     # Whether start() waits until the payload is on the cluster and every
     # worker there has built the model. An engine whose first tasks take the
     # payload as an argument, and go out with it, waits after sending them
-    # instead (:meth:`await_payload`): a round of Dask tasks fewer per fit.
+    # instead (:meth:`await_payload`, :meth:`await_warm_ups`): a round of
+    # Dask tasks fewer per fit.
     waits_in_start = True
 
     def __init__(self) -> None:
@@ -205,13 +207,20 @@ class DaskEngine(Engine):
         )
         self.warmer.start()
         if self.waits_in_start:
-            # The workers there now build the model before the first tasks
-            # (a group of them would wait for the slowest anyway).
             self.ensure_payload()
-            try:
-                self.warmer.wait(timeout=self.scaler.timeout)
-            except Exception as error:
-                raise self._payload_error(error) from error
+            self.await_warm_ups()
+
+    def await_warm_ups(self, besides: Collection[str] = ()) -> None:
+        """Wait until the workers sent a warm-up so far, ``besides`` those, hold the model.
+
+        So the workers there at a fit's start are ready when it first wants
+        them (a group of workers would wait for the slowest anyway).
+        """
+        assert self.warmer is not None  # start() made it
+        try:
+            self.warmer.wait(timeout=self.scaler.timeout, besides=besides)
+        except Exception as error:
+            raise self._payload_error(error) from error
 
     def check_fits_in_workers(self, examples: Examples) -> None:
         """Raise before placing the payload when its data would not fit in a worker's memory."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..scaling import available_workers
@@ -89,18 +89,19 @@ class WorkerWarmer:
             sent = set(self._tasks)
         return [a for a in available_workers(self.client) if a in sent]
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, besides: Collection[str] = ()) -> None:
         """Wait up to ``timeout`` seconds for the warm-ups sent so far; raise the first error.
 
         A worker that cannot build the model (it cannot import the module's
         class, say) fails here with Dask's error, before any segment starts
-        on it. A worker that left the cluster is not waited for.
+        on it. A worker that left the cluster is not waited for, nor are the
+        workers ``besides``.
         """
         from distributed import wait
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            present = set(available_workers(self.client))
+            present = set(available_workers(self.client)) - set(besides)
             with self._lock:
                 tasks = [t for a, t in self._tasks.items() if a in present]
             for task in tasks:

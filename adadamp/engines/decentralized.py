@@ -212,7 +212,7 @@ class DecentralizedEngine(DaskEngine):
 
         The fit's ``first`` segment goes out right behind the payload and its
         warm-ups (see :attr:`waits_in_start`); the client waits for the
-        payload only then, while the ranks start.
+        payload and the other workers' warm-ups only then, while the ranks train.
         """
         workers = self._segment_workers(start.target_workers, first)
         if not workers:
@@ -245,6 +245,10 @@ class DecentralizedEngine(DaskEngine):
             futures.append(held)
         self._running = _Running(start.token, workers, start.target_workers, futures)
         self.await_payload()
+        if first:
+            # Not for the segment's own workers, whose ranks hold their
+            # threads (their warm-ups run first, or the ranks build the model).
+            self.await_warm_ups(besides=workers)
 
     def _segment_workers(self, target: int, first: bool = False) -> list[str]:
         """The workers of a new segment that wants ``target`` of them.
