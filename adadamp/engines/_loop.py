@@ -121,10 +121,10 @@ def rank_gradient(
 ) -> float:
     """Add ``indices``' share of a ``batch_size`` batch's mean gradient into ``p.grad``.
 
-    Returns the summed loss over ``indices``.
-    ``coming``, the slices this rank will likely take from this one on (a
-    row each), is handed to the examples first, so that they can load the
-    next ones while this one computes. With
+    Returns the summed loss over ``indices``. ``coming``, the slices this
+    rank will likely take from this one on (a row each), is handed to the
+    examples first, so that they can load the next ones while this one
+    computes. With
     ``norms``, each micro-batch's gradient norm is taken too (the gradient
     statistics); ``alone`` says this rank holds the whole batch (see
     :func:`~._step.stats_micro_batch`).
