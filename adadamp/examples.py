@@ -531,7 +531,7 @@ class DatasetExamples:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        if isinstance(self._loader, LoaderProcesses):
+        if self._loader is not None:
             self._loader.close()
         self._loader = None
 

@@ -150,10 +150,12 @@ class DecentralizedEngine(DaskEngine):
                         ),
                         first,
                     )
-                handoff = self._await_handoff(epoch, word)
-                word = None
+                # The word goes to this segment only: a segment started
+                # after a rescale or a loss starts from the client's state.
+                sent, word = word, None
+                handoff = self._await_handoff(epoch, sent)
             except _LostWorkers as lost:
-                restarts, word = restarts + 1, None
+                restarts += 1
                 self._end_segment()
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(
