@@ -98,3 +98,24 @@ def test_numpy_arrays_inside_travel_out_of_band_too():
     back, in_band, out_of_band = _through_dask(_Carrier({"a": array}, {}, ""))
     assert np.array_equal(back.module_state["a"], array)
     assert out_of_band >= array.nbytes and in_band < 10_000
+
+
+def test_over_a_protocol_4_connection_the_arrays_still_travel_as_frames():
+    """Dask's scheduler pickles with protocol 4 (no out-of-band buffers) on its connections."""
+    from distributed.protocol import dumps, loads, to_serialize
+
+    weights = {"w": torch.randn(256, 1024), "scalar": torch.tensor(3.0)}
+    array = np.arange(50_000, dtype=np.int64)[::2]  # not contiguous
+    message = {"result": to_serialize(_Carrier(weights, {"a": array}, "x"))}
+    frames = dumps(message, context={"pickle-protocol": 4})
+    sizes = sorted(memoryview(f).nbytes for f in frames)
+    # The weights' bytes are a frame of their own, not inside a pickle.
+    assert weights["w"].nbytes in sizes
+    assert sizes[-2] < 20_000 + array.nbytes
+    back = loads(frames)["result"]
+    assert back.note == "x"
+    assert torch.equal(back.module_state["w"], weights["w"])
+    assert torch.equal(back.module_state["scalar"], weights["scalar"])
+    assert back.module_state["scalar"].shape == ()
+    assert np.array_equal(back.optimizer_state["a"], array)
+    back.module_state["w"] += 1  # writable, as a state to load from must be
