@@ -450,6 +450,29 @@ def test_decentralized_fit_on_cuda_keeps_the_module_on_the_gpu():
 # --------------------------------------------------------------------------- lifecycle
 
 
+def test_rank_0s_store_alone_holds_and_closes_its_listening_socket():
+    """The store closes its socket's descriptor itself: the socket object may not hold it
+    too, or it closes the number again later, whatever file has it by then."""
+    import gc
+    import socket
+    import types
+
+    from adadamp.engines import _ranks, _worker
+
+    worker = types.SimpleNamespace(address="tcp://127.0.0.1:1")
+    host, port = _worker.open_rendezvous("fit-store-0", worker)
+    bound = _worker._RENDEZVOUS["fit-store-0"]
+    start = types.SimpleNamespace(rendezvous=(host, port), token="fit-store-0")
+    group = _ranks._process_group(start, 0, 1, "cpu")
+    assert group.size() == 1
+    assert bound.fileno() == -1, "the socket object still holds the store's descriptor"
+    del group
+    gc.collect()
+    # The store closed the socket when it went: nothing listens there any more.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=5).close()
+
+
 def _segment_token(fit_id: str) -> str | None:
     from adadamp.engines import _ranks
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,8 +120,6 @@ class RankSegment:
     damper: BaseDamper
     state: TrainState
     rule: WorkerCountRule
-    listener: socket.socket | None = None
-    """Rank 0's store socket, open while the group lives."""
     records: list[UpdateRecord] = field(default_factory=list)
     """Rank 0: the updates of the epoch so far."""
 
@@ -142,29 +139,29 @@ def request_stop(token: str) -> None:
     _STOP_REQUESTS.add(token)
 
 
-def _process_group(
-    start: SegmentStart, rank: int, world: int, device: str
-) -> tuple[Any, socket.socket | None]:
-    """The segment's group, and (rank 0) the listening socket its store serves on.
+def _process_group(start: SegmentStart, rank: int, world: int, device: str) -> Any:
+    """The segment's process group; rank 0's store serves on the socket
+    :func:`~._worker.open_rendezvous` bound.
 
-    The socket is the one :func:`~._worker.open_rendezvous` bound; it must stay
-    open as long as the store uses it, so the caller keeps it with the group.
+    The store owns that socket's descriptor and closes it when it is
+    destroyed, or when it fails to form: the socket is detached from its
+    Python object, or the descriptor would be closed twice, the second time
+    when the worker had given its number to another file or socket (a later
+    segment's store then failed with ENOTSOCK, and the fit with it).
     """
     host, port = start.rendezvous
-    listener = _worker.take_rendezvous(start.token) if rank == 0 else None
+    listen_fd = _worker.take_rendezvous(start.token).detach() if rank == 0 else None
     store = dist.TCPStore(
         host,
         port,
         world,
         rank == 0,
         timeout=RENDEZVOUS_TIMEOUT,
-        master_listen_fd=listener.fileno() if listener is not None else None,
+        master_listen_fd=listen_fd,
     )
     if device.startswith("cuda"):
-        group: Any = dist.ProcessGroupNCCL(store, rank, world, dist.ProcessGroupNCCL.Options())
-    else:
-        group = dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
-    return group, listener
+        return dist.ProcessGroupNCCL(store, rank, world, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
 
 
 def shared_memory_wanted() -> bool:
@@ -182,9 +179,9 @@ def _join(
 ) -> RankSegment:
     if start.module_state is not None:
         _worker.load_state(model, start.module_state, start.optimizer_state, start.token)
-    group, listener, host_sum = None, None, None
+    group, host_sum = None, None
     if world > 1:
-        group, listener = _process_group(start, rank, world, model.config.device)
+        group = _process_group(start, rank, world, model.config.device)
         if not model.config.device.startswith("cuda") and shared_memory_wanted():
             host_sum = open_host_sum(
                 group,
@@ -201,7 +198,6 @@ def _join(
         copy.deepcopy(start.damper),
         copy.deepcopy(start.state),
         WorkerCountRule(start.target_workers, immediate=start.immediate),
-        listener,
     )
     _SEGMENTS[fit_id] = segment
     return segment

@@ -224,7 +224,7 @@ def open_rendezvous(token: str, dask_worker) -> tuple[str, int]:
 
 
 def take_rendezvous(token: str) -> socket.socket:
-    """The socket :func:`open_rendezvous` bound for ``token`` (the caller closes it)."""
+    """The socket :func:`open_rendezvous` bound for ``token`` (the caller closes or detaches it)."""
     return _RENDEZVOUS.pop(token)
 
 
