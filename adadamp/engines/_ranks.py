@@ -140,10 +140,10 @@ def request_stop(token: str) -> None:
 
 
 def _process_group(start: SegmentStart, rank: int, world: int, device: str) -> Any:
-    """The segment's process group; rank 0's store serves on the socket
-    :func:`~._worker.open_rendezvous` bound.
+    """The segment's process group, its store served by rank 0.
 
-    The store owns that socket's descriptor and closes it when it is
+    Rank 0's store serves on the socket :func:`~._worker.open_rendezvous`
+    bound, and owns that socket's descriptor and closes it when it is
     destroyed, or when it fails to form: the socket is detached from its
     Python object, or the descriptor would be closed twice, the second time
     when the worker had given its number to another file or socket (a later
