@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from distributed.protocol import dask_deserialize, dask_serialize
 
+# Bytes: the strictest alignment a tensor's or array's element type needs.
+_ALIGNMENT = 16
+
 
 class _Pickler(cloudpickle.Pickler):
     """Pickles CPU storages and NumPy arrays as references into ``self.arrays``."""
@@ -67,7 +70,10 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         kind, index, dtype = pid
         array = self.arrays[index]
-        if not array.flags.writeable:  # a received buffer may be read-only
+        # A received buffer may be read-only, or start anywhere in the message
+        # it came in (a connection slices each frame out of one buffer): a
+        # copy is writable and aligned for any dtype.
+        if not array.flags.writeable or array.ctypes.data % _ALIGNMENT:
             array = self.arrays[index] = array.copy()
         if kind == "array":
             return array

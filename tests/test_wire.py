@@ -120,3 +120,20 @@ def test_over_a_protocol_4_connection_the_arrays_still_travel_as_frames():
     assert back.module_state["scalar"].shape == ()
     assert np.array_equal(back.optimizer_state["a"], array)
     back.module_state["w"] += 1  # writable, as a state to load from must be
+
+
+def test_arrays_received_at_any_offset_in_a_message_come_back_aligned():
+    """A connection reads a message into one buffer and slices its frames out of it."""
+    from distributed.protocol import dumps, loads, to_serialize
+
+    weights = {"w": torch.randn(1000), "d": torch.randn(10, dtype=torch.float64)}
+    frames = dumps({"result": to_serialize(_Carrier(weights, {}, ""))})
+    received = bytearray(b"x" + b"".join(bytes(f) for f in frames))  # an odd start
+    views, at = [], 1
+    for frame in frames:
+        views.append(memoryview(received)[at : at + memoryview(frame).nbytes])
+        at += memoryview(frame).nbytes
+    back = loads(views)["result"]
+    for key, value in weights.items():
+        assert back.module_state[key].data_ptr() % 16 == 0, key
+        assert torch.equal(back.module_state[key], value)
