@@ -101,15 +101,20 @@ class TensorsApart:
     """A dataclass that pickles through :func:`dumps_apart` (see the module)."""
 
     def __reduce__(self):
-        return (_rebuild, (type(self), *dumps_apart(_fields(self))))
+        data, arrays = dumps_apart(_fields(self))
+        # The fields' pickle as an array too: out of band like the tensors.
+        # In band, it would hold the text "__main__" whenever a field's class
+        # comes from the user's script (cloudpickle pickled it by value), and
+        # Dask, finding that text in a pickle, pickles the whole value again.
+        return (_rebuild, (type(self), np.frombuffer(data, dtype=np.uint8), arrays))
 
 
 def _fields(value: Any) -> dict:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
-def _rebuild(cls: type, data: bytes, arrays: list[np.ndarray]) -> Any:
-    return cls(**loads_apart(data, arrays))
+def _rebuild(cls: type, data: np.ndarray | bytes, arrays: list[np.ndarray]) -> Any:
+    return cls(**loads_apart(bytes(data), arrays))
 
 
 @dask_serialize.register(TensorsApart)

@@ -100,6 +100,22 @@ def test_numpy_arrays_inside_travel_out_of_band_too():
     assert out_of_band >= array.nbytes and in_band < 10_000
 
 
+def test_a_module_class_from_the_users_script_is_pickled_once(monkeypatch):
+    """Dask pickles a value a second time, with cloudpickle, when its pickle holds "__main__"."""
+    import adadamp._wire as wire
+
+    # A class defined in the script that fits: cloudpickle sends it by value.
+    ScriptNet = type("ScriptNet", (torch.nn.Linear,), {"__module__": "__main__"})
+    picklings = []
+    real = wire.dumps_apart
+    monkeypatch.setattr(wire, "dumps_apart", lambda value: picklings.append(1) or real(value))
+    module = ScriptNet(4, 2)
+    back = _through_dask(_Carrier({"module": module}, {}, ""))[0].module_state["module"]
+    assert len(picklings) == 1
+    assert type(back).__name__ == "ScriptNet"
+    assert torch.equal(back.weight, module.weight)
+
+
 def test_over_a_protocol_4_connection_the_arrays_still_travel_as_frames():
     """Dask's scheduler pickles with protocol 4 (no out-of-band buffers) on its connections."""
     from distributed.protocol import dumps, loads, to_serialize
