@@ -109,6 +109,26 @@ class TensorsApart:
         return (_rebuild, (type(self), np.frombuffer(data, dtype=np.uint8), arrays))
 
 
+class Sealed:
+    """A value pickled apart (:func:`dumps_apart`), carried unopened until :meth:`open`.
+
+    Dask's scheduler unpickles every task's arguments and pickles them again
+    for the worker that runs the task: a value handed to the cluster in a
+    task (a fit's payload: its model, a class from the user's script pickled
+    by value, and the training data) was rebuilt and pickled anew there.
+    Sealed, it is two arrays to the scheduler, relayed out of band; only the
+    worker that opens it unpickles it, and the scheduler never needs the
+    user's classes.
+    """
+
+    def __init__(self, value: Any):
+        data, self.arrays = dumps_apart(value)
+        self.data = np.frombuffer(data, dtype=np.uint8)
+
+    def open(self) -> Any:
+        return loads_apart(self.data.tobytes(), self.arrays)
+
+
 def _fields(value: Any) -> dict:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 

@@ -10,11 +10,12 @@ the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
 
@@ -151,44 +152,53 @@ def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed, lr):
 # --------------------------------------------------------------------------- payload
 
 
-def test_payload_the_cluster_cannot_unpickle_fails_fast(cli_cluster, tmp_path):
-    """A module class only the client can import: the fit raises, it does not wait forever."""
-    name = f"only_on_the_client_{os.getpid()}"
-    (tmp_path / f"{name}.py").write_text(
-        textwrap.dedent(
-            """
-            from torch import nn
+_NET_SOURCE = """
+from torch import nn
 
-            class Net(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.linear = nn.Linear(64, 10)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
 
-                def forward(self, x):
-                    return self.linear(x)
-            """
-        )
-    )
+    def forward(self, x):
+        return self.linear(x)
+"""
+
+
+@contextlib.contextmanager
+def module_on_the_client(tmp_path, name: str):
+    """A module ``name`` defining ``Net``, importable in this process only, for the block."""
+    (tmp_path / f"{name}.py").write_text(_NET_SOURCE)
     sys.path.insert(0, str(tmp_path))
     try:
         module = importlib.import_module(name)
         # cloudpickle pickles a class of an importable module by reference.
         assert module.Net.__module__ == name
-        X, y = digits(100)
-        est = DaskClassifier(
-            module.Net,
-            batch_size=32,
-            backend="decentralized",
-            client=cli_cluster.address,
-            max_epochs=1,
-            train_split=None,
-            random_state=0,
-            verbose=0,
-        )
-        error, took = fit_within(est, X, y, 30)
+        yield module
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(name, None)
+
+
+def _fit_net_within(cluster, net: type, seconds: float):
+    est = DaskClassifier(
+        net,
+        batch_size=32,
+        backend="decentralized",
+        client=cluster.address,
+        max_epochs=1,
+        train_split=None,
+        random_state=0,
+        verbose=0,
+    )
+    return fit_within(est, *digits(100), seconds)
+
+
+def test_payload_the_cluster_cannot_unpickle_fails_fast(cli_cluster, tmp_path):
+    """A module class only the client can import: the fit raises, it does not wait forever."""
+    name = f"only_on_the_client_{os.getpid()}"
+    with module_on_the_client(tmp_path, name) as module:
+        error, took = _fit_net_within(cli_cluster, module.Net, 30)
     assert error is not None, "the fit succeeded on workers that cannot import its module"
     message = "".join(f"{type(e).__name__}: {e}\n" for e in _chain(error))
     # The message says what failed and which class the cluster must import.
@@ -197,6 +207,23 @@ def test_payload_the_cluster_cannot_unpickle_fails_fast(cli_cluster, tmp_path):
     assert took < 30
     # The cluster is still usable afterwards.
     assert cli_cluster.client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+
+
+def test_the_scheduler_need_not_import_the_module_class(cli_cluster, tmp_path):
+    """The payload crosses the scheduler sealed: only the workers unpickle the model."""
+    name, path = f"on_the_workers_only_{os.getpid()}", str(tmp_path)
+    client = cli_cluster.client
+    with module_on_the_client(tmp_path, name) as module:
+        # Lambdas: cloudpickle sends them by value (this test module is not
+        # importable in the cluster's processes).
+        client.run(lambda: sys.path.insert(0, path))
+        try:
+            assert not client.run_on_scheduler(lambda: importlib.util.find_spec(name) is not None)
+            error, _ = _fit_net_within(cli_cluster, module.Net, 60)
+        finally:
+            client.run(lambda: sys.path.remove(path))
+            client.run(lambda: sys.modules.pop(name, None))
+    assert error is None, f"the fit raised {error!r}"
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -11,7 +11,7 @@ import torch
 from distributed.protocol import pickle as dask_pickle
 from estimator_helpers import MLP
 
-from adadamp._wire import TensorsApart
+from adadamp._wire import Sealed, TensorsApart
 from adadamp.engines._worker import FitPayload, OptimizerRecipe
 from adadamp.engines.base import TrainConfig
 from adadamp.examples import TensorExamples
@@ -114,6 +114,28 @@ def test_a_module_class_from_the_users_script_is_pickled_once(monkeypatch):
     assert len(picklings) == 1
     assert type(back).__name__ == "ScriptNet"
     assert torch.equal(back.weight, module.weight)
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("unpickled")
+
+
+class _OnlyOpenedOnWorkers:
+    """Stands for a class the scheduler cannot import: unpickling it fails."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+def test_a_sealed_value_is_relayed_without_being_unpickled():
+    weights = torch.randn(512, 256)
+    sealed = Sealed({"module": _OnlyOpenedOnWorkers(), "weights": weights})
+    relayed, in_band, out_of_band = _through_dask(sealed)  # no error: not unpickled
+    assert out_of_band >= weights.nbytes and in_band < 5_000
+    with pytest.raises(RuntimeError, match="unpickled"):
+        relayed.open()
+    opened = _through_dask(Sealed({"weights": weights}))[0].open()
+    assert torch.equal(opened["weights"], weights)
 
 
 def test_over_a_protocol_4_connection_the_arrays_still_travel_as_frames():

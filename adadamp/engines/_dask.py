@@ -21,6 +21,7 @@ from distributed import wait
 from distributed.scheduler import KilledWorker
 from torch import nn
 
+from .._wire import Sealed
 from ..cluster import cluster_client
 from ..dampers import BaseDamper
 from ..examples import Examples, TensorExamples
@@ -74,8 +75,8 @@ class _Plan:
         return min(end, len(self.workers) - 1)
 
 
-def _hold(value):
-    return value
+def _open(sealed: Sealed):
+    return sealed.open()
 
 
 class _ByteCounter:
@@ -264,7 +265,7 @@ class DaskEngine(Engine):
         )  # fmt: skip
         return RuntimeError(
             f"The Dask cluster could not hold the fit's module and data: {error!r}. "
-            f"The scheduler and every worker must be able to import {classes}: "
+            f"Every Dask worker must be able to import {classes}: "
             "install the code that defines them there, or define them in the "
             "script that fits (Dask then sends them by value)."
         )
@@ -312,8 +313,10 @@ class DaskEngine(Engine):
         Scattered data has no lineage: when the workers holding it leave (the
         cluster shrinks, a worker dies), it is gone. A task that returns the
         value keeps it in its spec, so Dask recomputes it where it is needed.
+        The value goes sealed (:class:`~adadamp._wire.Sealed`): the scheduler
+        relays it without unpickling it.
         """
-        return self.client.submit(_hold, value, pure=False)
+        return self.client.submit(_open, Sealed(value), pure=False)
 
     def scale_to(self, workers: int) -> int:
         """Give the cluster ``workers`` workers, as far as it can."""
