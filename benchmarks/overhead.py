@@ -188,6 +188,12 @@ def _summary(
     }
 
 
+def beyond_steady(out: dict) -> float:
+    """Seconds a whole fit took beyond its updates at the steady-state mean: its
+    set-up, its first epoch's extra, its epoch boundaries and its end."""
+    return out["wall"] - statistics.fmean(out["steady"]) * out["updates"]
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (fresh memory touched for the first time)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -509,19 +515,22 @@ def ratios_and_overheads(
     return ratios, overhead
 
 
-def table(ms: dict, p50: dict, wall: dict, faults: dict) -> str:
+def table(ms: dict, p50: dict, wall: dict, faults: dict, beyond: dict) -> str:
     lines = [
         "ms per model update: steady-state mean and median of the per-update records, "
-        "whole fit / updates; minor page faults per update (process or Dask workers)",
-        f"{'':<18}" + "".join(f"{size:>10}{'':>30}" for size in SIZES),
+        "whole fit / updates; minor page faults per update (process or Dask workers); "
+        "ms a whole fit took beyond its updates at the steady mean",
+        f"{'':<18}" + "".join(f"{size:>10}{'':>40}" for size in SIZES),
         f"{'engine':<18}"
-        + "".join(f"{'mean':>10}{'p50':>10}{'wall':>10}{'faults':>10}" for _ in SIZES),
+        + "".join(
+            "".join(f"{h:>10}" for h in ("mean", "p50", "wall", "faults", "beyond")) for _ in SIZES
+        ),
     ]
     for engine in ENGINES:
         lines.append(
             f"{engine:<18}"
             + "".join(
-                f"{ms[k]:>10.2f}{p50[k]:>10.2f}{wall[k]:>10.2f}{faults[k]:>10.0f}"
+                f"{ms[k]:>10.2f}{p50[k]:>10.2f}{wall[k]:>10.2f}{faults[k]:>10.0f}{beyond[k]:>10.1f}"
                 for k in (f"{engine}_{size}" for size in SIZES)
             )
         )
@@ -636,12 +645,13 @@ def main(argv: list[str] | None = None) -> dict:
         client.close()
         cluster.close()
 
-    ms, p50, wall, faults, boundary = {}, {}, {}, {}, {}
+    ms, p50, wall, faults, boundary, beyond = {}, {}, {}, {}, {}, {}
     for name, outs in runs.items():
         faults[name] = round(statistics.median(o["faults"] for o in outs), 1)
         ms[name] = _ms(statistics.median(statistics.fmean(o["steady"]) for o in outs))
         p50[name] = _ms(statistics.median(statistics.median(o["steady"]) for o in outs))
         wall[name] = _ms(statistics.median(o["wall"] / o["updates"] for o in outs))
+        beyond[name] = _ms(statistics.median(beyond_steady(o) for o in outs))
         if outs[0].get("boundary") is not None:
             boundary[name] = _ms(statistics.median(o["boundary"] for o in outs))
     ratios, overhead = ratios_and_overheads(ms, wall, boundary)
@@ -691,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_update_p50": p50,
         "ms_per_update_wall": wall,
         "ms_per_epoch_boundary": boundary,
+        "ms_per_fit_beyond_steady": beyond,
         "minor_page_faults_per_update": faults,
         "ratios": ratios,
         "overhead_ms": overhead,
@@ -698,13 +709,16 @@ def main(argv: list[str] | None = None) -> dict:
         "runs_ms_per_update": {
             name: [_ms(statistics.fmean(o["steady"])) for o in outs] for name, outs in runs.items()
         },
+        "runs_ms_per_update_wall": {
+            name: [_ms(o["wall"] / o["updates"]) for o in outs] for name, outs in runs.items()
+        },
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print(table(ms, p50, wall, faults))
+    print(table(ms, p50, wall, faults, beyond))
     print()
     print("ratios (this run): steady-state means; _wall: whole fits; epoch_boundary_updates:")
     print("  an epoch boundary's cost in steady-state updates")
