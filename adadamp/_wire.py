@@ -101,12 +101,12 @@ class TensorsApart:
     """A dataclass that pickles through :func:`dumps_apart` (see the module)."""
 
     def __reduce__(self):
-        data, arrays = dumps_apart(_fields(self))
-        # The fields' pickle as an array too: out of band like the tensors.
-        # In band, it would hold the text "__main__" whenever a field's class
-        # comes from the user's script (cloudpickle pickled it by value), and
-        # Dask, finding that text in a pickle, pickles the whole value again.
-        return (_rebuild, (type(self), np.frombuffer(data, dtype=np.uint8), arrays))
+        # Sealed, the fields' pickle is an array, out of band like the
+        # tensors. In band, it would hold the text "__main__" whenever a
+        # field's class comes from the user's script (cloudpickle pickled it
+        # by value), and Dask, finding that text in a pickle, pickles the
+        # whole value again.
+        return (_rebuild, (type(self), Sealed(_fields(self))))
 
 
 class Sealed:
@@ -116,7 +116,7 @@ class Sealed:
     for the worker that runs the task: a value handed to the cluster in a
     task (a fit's payload: its model, a class from the user's script pickled
     by value, and the training data) was rebuilt and pickled anew there.
-    Sealed, it is two arrays to the scheduler, relayed out of band; only the
+    Sealed, it is only arrays to the scheduler, relayed out of band; only the
     worker that opens it unpickles it, and the scheduler never needs the
     user's classes.
     """
@@ -129,12 +129,12 @@ class Sealed:
         return loads_apart(self.data.tobytes(), self.arrays)
 
 
+def _rebuild(cls: type, fields: Sealed) -> Any:
+    return cls(**fields.open())
+
+
 def _fields(value: Any) -> dict:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-
-
-def _rebuild(cls: type, data: np.ndarray | bytes, arrays: list[np.ndarray]) -> Any:
-    return cls(**loads_apart(bytes(data), arrays))
 
 
 @dask_serialize.register(TensorsApart)
@@ -152,7 +152,7 @@ def _dask_loads(header: dict, frames: list) -> TensorsApart:
         np.frombuffer(buffer, dtype=np.uint8).view(dtype).reshape(shape)
         for (dtype, shape), buffer in zip(layouts, buffers)
     ]
-    return _rebuild(cls, data, arrays)
+    return cls(**loads_apart(bytes(data), arrays))
 
 
 def _raw_bytes(array: np.ndarray) -> memoryview:
