@@ -128,7 +128,7 @@ class Sealed:
         self.data = np.frombuffer(data, dtype=np.uint8)
 
     def open(self) -> Any:
-        return loads_apart(self.data.tobytes(), self.arrays)
+        return loads_apart(bytes(self.data), self.arrays)
 
 
 def _rebuild(cls: type, fields: Sealed) -> Any:
