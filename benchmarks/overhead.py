@@ -6,6 +6,8 @@ the time of one model update of:
 
 - ``plain``: a plain PyTorch loop in this process (index a batch, zero the
   gradients, forward, backward, SGD step, read the loss);
+- ``plain_worker``: the same loop in a task on the one Dask worker that
+  ``decentralized_1w`` trains on, timed inside the task;
 - ``local``: ``DaskClassifier(backend="local")`` in this process;
 - ``centralized_1w`` / ``centralized_2w``: the parameter server on 1 and 2 Dask workers;
 - ``decentralized_1w`` / ``decentralized_2w``: the all-reduce engine on 1 and 2 Dask workers;
@@ -22,7 +24,13 @@ The main figure (``ms_per_update``) is steady state: the mean of the
 per-update ``duration`` records in ``est.history_`` over every epoch but the
 first, leaving out the first update of each epoch (where per-epoch work
 lands); the plain loop and DDP time each of their updates the same way.
-Each figure is the median over ``--repeats`` interleaved repeats.
+Each figure is the median over ``--repeats`` interleaved repeats, and
+each ratio the median of the repeats' own ratios (:func:`paired`). In
+every repeat ``plain`` and ``plain_worker`` run right beside
+``decentralized_1w``, in turns before and after it. Two processes running
+the same loop differ here by up to 16% for their whole life (eight fresh
+processes: 2.19 to 3.04 ms per small update), so the engine on one worker
+is compared with the loop in its own process as well as in this one.
 ``ms_per_update_wall`` is a whole fit's wall-clock (cluster work, process
 groups and the first epoch included; for DDP, from building the model to its
 last update) divided by its updates. Every process that trains has built one
@@ -56,8 +64,10 @@ It prints the figures and writes ``benchmarks/results/overhead.json``
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import operator
 import os
 import platform
 import resource
@@ -67,6 +77,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +109,7 @@ QUICK = {"small": (24, 2), "large": (5, 2)}
 
 ENGINES = (
     "plain",
+    "plain_worker",
     "local",
     "decentralized_1w",
     "centralized_1w",
@@ -116,6 +128,9 @@ TARGETS = {
     "decentralized_2w_vs_ddp_wall_large": 1.1,
     "decentralized_1w_vs_plain_wall_small": 1.15,
     "decentralized_1w_vs_plain_wall_large": 1.15,
+    # The same against the plain loop in the worker's own process (see paired()).
+    "decentralized_1w_vs_plain_worker_wall_small": 1.15,
+    "decentralized_1w_vs_plain_worker_wall_large": 1.15,
     # What an epoch boundary at an unchanged worker count costs, in steady updates.
     "epoch_boundary_updates_decentralized_1w_small": 2.0,
     "epoch_boundary_updates_decentralized_2w_small": 2.0,
@@ -243,9 +258,17 @@ def _train_plain(
     return per_epoch
 
 
-def run_plain(hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int) -> dict:
+def run_plain(
+    hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int, freeze: bool = True
+) -> dict:
+    """The plain loop, timed. ``freeze=False`` (in a Dask worker) only collects
+    garbage first: a freeze would spare the engines' later fits there
+    collections that they otherwise pay."""
     torch.set_num_threads(threads)
-    freeze_what_is_held()
+    if freeze:
+        freeze_what_is_held()
+    else:
+        gc.collect()
     faults = minor_faults()
     began = time.perf_counter()
     torch.manual_seed(0)
@@ -256,6 +279,17 @@ def run_plain(hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int) -
         minor_faults() - faults,
         threads=torch.get_num_threads(),
     )
+
+
+def run_plain_on_worker(client, hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int):
+    """:func:`run_plain` in a task on the cluster's one worker: the plain loop
+    in the very process that a one-worker fit trains in."""
+    from adadamp.scaling import available_workers
+
+    (address,) = available_workers(client)
+    return client.submit(
+        run_plain, hidden, X, y, epochs, threads, freeze=False, workers=[address], pure=False
+    ).result()
 
 
 def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: str) -> None:
@@ -473,30 +507,59 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 4)
 
 
-def ratios_and_overheads(
-    ms: dict[str, float], wall: dict[str, float], boundary: dict[str, float]
-) -> tuple[dict, dict]:
+def steady_ms(out: dict) -> float:
+    return statistics.fmean(out["steady"]) * 1e3
+
+
+def wall_ms(out: dict) -> float:
+    return out["wall"] / out["updates"] * 1e3
+
+
+def paired(runs: dict[str, list[dict]], a: str, b: str, of, combine=operator.truediv) -> float:
+    """The median over the repeats of ``combine(of(a's run), of(b's run))`` of each repeat.
+
+    A ratio of two runs of one repeat, seconds apart, leaves out most of a
+    shared machine's slow drifts, which a ratio of two medians over the
+    repeats takes in (each engine's median may come from another repeat).
+    """
+    return statistics.median(combine(of(x), of(y)) for x, y in zip(runs[a], runs[b], strict=True))
+
+
+def boundary_updates(out: dict) -> float:
+    """An epoch boundary's cost in the same run's steady-state updates."""
+    return out["boundary"] / statistics.fmean(out["steady"])
+
+
+def ratios_and_overheads(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
     ratios, overhead = {}, {}
     for size in SIZES:
 
-        def ratio(a: str, b: str, size: str = size, of: dict = ms) -> float:
-            return round(of[f"{a}_{size}"] / of[f"{b}_{size}"], 4)
-
-        ratios[f"decentralized_2w_vs_ddp_wall_{size}"] = ratio(
-            "decentralized_2w", "ddp_2p", of=wall
-        )
-        ratios[f"decentralized_1w_vs_plain_wall_{size}"] = ratio(
-            "decentralized_1w", "plain", of=wall
-        )
-        for engine in ("decentralized_1w", "decentralized_2w", "centralized_1w", "local"):
-            name = f"{engine}_{size}"
-            ratios[f"epoch_boundary_updates_{name}"] = round(boundary[name] / ms[name], 4)
+        def ratio(a: str, b: str, size: str = size, of=steady_ms) -> float:
+            return round(paired(runs, f"{a}_{size}", f"{b}_{size}", of), 4)
 
         def minus(a: str, b: str, size: str = size) -> float:
-            return round(ms[f"{a}_{size}"] - ms[f"{b}_{size}"], 4)
+            return round(paired(runs, f"{a}_{size}", f"{b}_{size}", steady_ms, operator.sub), 4)
 
+        ratios[f"decentralized_2w_vs_ddp_wall_{size}"] = ratio(
+            "decentralized_2w", "ddp_2p", of=wall_ms
+        )
+        ratios[f"decentralized_1w_vs_plain_wall_{size}"] = ratio(
+            "decentralized_1w", "plain", of=wall_ms
+        )
+        ratios[f"decentralized_1w_vs_plain_worker_wall_{size}"] = ratio(
+            "decentralized_1w", "plain_worker", of=wall_ms
+        )
+        ratios[f"plain_worker_vs_plain_{size}"] = ratio("plain_worker", "plain")
+        for engine in ("decentralized_1w", "decentralized_2w", "centralized_1w", "local"):
+            name = f"{engine}_{size}"
+            ratios[f"epoch_boundary_updates_{name}"] = round(
+                statistics.median(map(boundary_updates, runs[name])), 4
+            )
         ratios[f"decentralized_2w_vs_ddp_{size}"] = ratio("decentralized_2w", "ddp_2p")
         ratios[f"decentralized_1w_vs_plain_{size}"] = ratio("decentralized_1w", "plain")
+        ratios[f"decentralized_1w_vs_plain_worker_{size}"] = ratio(
+            "decentralized_1w", "plain_worker"
+        )
         ratios[f"local_vs_plain_{size}"] = ratio("local", "plain")
         ratios[f"centralized_1w_vs_decentralized_1w_{size}"] = ratio(
             "centralized_1w", "decentralized_1w"
@@ -584,9 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
     def record(engine: str, size: str, out: dict) -> None:
         runs[f"{engine}_{size}"].append(out)
         print(
-            f"  {engine:<17} {size:<6} {statistics.fmean(out['steady']) * 1e3:9.2f} ms/update  "
-            f"(p50 {statistics.median(out['steady']) * 1e3:.2f}, "
-            f"wall {out['wall'] / out['updates'] * 1e3:.2f})",
+            f"  {engine:<17} {size:<6} {steady_ms(out):9.2f} ms/update  "
+            f"(p50 {statistics.median(out['steady']) * 1e3:.2f}, wall {wall_ms(out):.2f})",
             flush=True,
         )
 
@@ -628,17 +690,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         for rep in range(repeats):
             print(f"repeat {rep + 1}/{repeats}", flush=True)
-            for size in SIZES:
-                record("plain", size, run_plain(*job(size), threads=threads[1]))
-                record("local", size, run_estimator(*job(size), "local", threads=threads[1]))
             # Alternate the worker counts' order: one rescale per repeat.
             for w in (1, 2) if rep % 2 == 0 else (2, 1):
                 scale_cluster(cluster, client, w, args.worker_mallopt)
                 for size in SIZES:
-                    for backend in ("decentralized", "centralized"):
-                        record(
-                            f"{backend}_{w}w", size, run_estimator(*job(size), backend, w, client)
-                        )
+                    hidden, X, y, epochs = job(size)
+                    fit = partial(run_estimator, hidden, X, y, epochs)
+                    run = {
+                        f"decentralized_{w}w": partial(fit, "decentralized", w, client),
+                        f"centralized_{w}w": partial(fit, "centralized", w, client),
+                        "plain": partial(run_plain, hidden, X, y, epochs, threads[1]),
+                        "plain_worker": partial(
+                            run_plain_on_worker, client, hidden, X, y, epochs, threads[1]
+                        ),
+                        "local": partial(fit, "local", threads=threads[1]),
+                    }
+                    order = [f"decentralized_{w}w", f"centralized_{w}w"]
+                    if w == 1:
+                        # The baselines right beside the engine, each before
+                        # and after it in turns (see paired()).
+                        trio = ["plain", "decentralized_1w", "plain_worker"]
+                        order = [*trio[:: 1 - 2 * (rep % 2)], "local", "centralized_1w"]
+                    for name in order:
+                        record(name, size, run[name]())
             for size, out in run_ddp({size: job(size) for size in SIZES}, threads[2]).items():
                 record("ddp_2p", size, out)
     finally:
@@ -648,13 +722,13 @@ def main(argv: list[str] | None = None) -> dict:
     ms, p50, wall, faults, boundary, beyond = {}, {}, {}, {}, {}, {}
     for name, outs in runs.items():
         faults[name] = round(statistics.median(o["faults"] for o in outs), 1)
-        ms[name] = _ms(statistics.median(statistics.fmean(o["steady"]) for o in outs))
+        ms[name] = round(statistics.median(map(steady_ms, outs)), 4)
         p50[name] = _ms(statistics.median(statistics.median(o["steady"]) for o in outs))
-        wall[name] = _ms(statistics.median(o["wall"] / o["updates"] for o in outs))
+        wall[name] = round(statistics.median(map(wall_ms, outs)), 4)
         beyond[name] = _ms(statistics.median(beyond_steady(o) for o in outs))
         if outs[0].get("boundary") is not None:
             boundary[name] = _ms(statistics.median(o["boundary"] for o in outs))
-    ratios, overhead = ratios_and_overheads(ms, wall, boundary)
+    ratios, overhead = ratios_and_overheads(runs)
     targets = {
         name: {"at_most": limit, "measured": ratios[name], "met": ratios[name] <= limit}
         for name, limit in TARGETS.items()
@@ -707,10 +781,10 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_ms": overhead,
         "targets": targets,
         "runs_ms_per_update": {
-            name: [_ms(statistics.fmean(o["steady"])) for o in outs] for name, outs in runs.items()
+            name: [round(steady_ms(o), 4) for o in outs] for name, outs in runs.items()
         },
         "runs_ms_per_update_wall": {
-            name: [_ms(o["wall"] / o["updates"]) for o in outs] for name, outs in runs.items()
+            name: [round(wall_ms(o), 4) for o in outs] for name, outs in runs.items()
         },
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -720,8 +794,8 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(ms, p50, wall, faults, beyond))
     print()
-    print("ratios (this run): steady-state means; _wall: whole fits; epoch_boundary_updates:")
-    print("  an epoch boundary's cost in steady-state updates")
+    print("ratios (this run, medians of each repeat's ratio): steady-state means; _wall: whole")
+    print("  fits; epoch_boundary_updates: an epoch boundary's cost in steady-state updates")
     for name, value in ratios.items():
         verdict = ""
         if name in TARGETS:
