@@ -155,6 +155,8 @@ def test_adadamp_on_two_workers_does_not_livelock(cli_cluster, seed, lr):
 _NET_SOURCE = """
 from torch import nn
 
+from adadamp.dampers import Constant
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -162,12 +164,16 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.linear(x)
+
+class Steady(Constant):
+    pass
 """
 
 
 @contextlib.contextmanager
 def module_on_the_client(tmp_path, name: str):
-    """A module ``name`` defining ``Net``, importable in this process only, for the block."""
+    """A module ``name`` defining ``Net`` (a module) and ``Steady`` (a damper),
+    importable in this process only, for the block."""
     (tmp_path / f"{name}.py").write_text(_NET_SOURCE)
     sys.path.insert(0, str(tmp_path))
     try:
@@ -180,10 +186,10 @@ def module_on_the_client(tmp_path, name: str):
         sys.modules.pop(name, None)
 
 
-def _fit_net_within(cluster, net: type, seconds: float):
+def _fit_net_within(cluster, net: type, seconds: float, batch_size=32):
     est = DaskClassifier(
         net,
-        batch_size=32,
+        batch_size=batch_size,
         backend="decentralized",
         client=cluster.address,
         max_epochs=1,
@@ -209,8 +215,9 @@ def test_payload_the_cluster_cannot_unpickle_fails_fast(cli_cluster, tmp_path):
     assert cli_cluster.client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
 
 
-def test_the_scheduler_need_not_import_the_module_class(cli_cluster, tmp_path):
-    """The payload crosses the scheduler sealed: only the workers unpickle the model."""
+def test_the_scheduler_need_not_import_the_users_classes(cli_cluster, tmp_path):
+    """The payload and the ranks' start cross the scheduler sealed: only the
+    workers unpickle the model and the damper."""
     name, path = f"on_the_workers_only_{os.getpid()}", str(tmp_path)
     client = cli_cluster.client
     with module_on_the_client(tmp_path, name) as module:
@@ -219,7 +226,7 @@ def test_the_scheduler_need_not_import_the_module_class(cli_cluster, tmp_path):
         client.run(lambda: sys.path.insert(0, path))
         try:
             assert not client.run_on_scheduler(lambda: importlib.util.find_spec(name) is not None)
-            error, _ = _fit_net_within(cli_cluster, module.Net, 60)
+            error, _ = _fit_net_within(cli_cluster, module.Net, 60, batch_size=module.Steady)
         finally:
             client.run(lambda: sys.path.remove(path))
             client.run(lambda: sys.modules.pop(name, None))

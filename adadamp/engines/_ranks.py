@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._wire import TensorsApart
+from .._wire import Sealed, TensorsApart
 from ..dampers import BaseDamper
 from ..examples import set_epoch
 from ..scaling import WorkerCountRule
@@ -246,7 +246,7 @@ class EpochStart:
 def run_segment(
     ref: _worker.PayloadRef,
     payload: _worker.FitPayload,
-    start: SegmentStart,
+    given: SegmentStart | Sealed,
     rank: int,
     world: int,
 ) -> None:
@@ -261,8 +261,10 @@ def run_segment(
     epoch goes on; otherwise every rank restores the epoch's start
     (:class:`EpochStart`) and runs it again with the change. When the damper
     wants another worker count, or the client asked for a stop, rank 0 posts
-    the state at that update and the segment ends.
+    the state at that update and the segment ends. The segment's start comes
+    sealed when it rides in the task itself (see :class:`~adadamp._wire.Sealed`).
     """
+    start: SegmentStart = given.open() if isinstance(given, Sealed) else given
     model = _worker.worker_model(ref, payload)
     fit_id = ref.fit_id
     given_up = _released_check(fit_id)

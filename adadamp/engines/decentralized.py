@@ -40,6 +40,7 @@ import torch.distributed as dist
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
+from .._wire import Sealed
 from ..dampers import BaseDamper
 from ..scaling import available_workers, taking_tasks
 from ..state import TrainState
@@ -226,8 +227,10 @@ class DecentralizedEngine(DaskEngine):
             )[workers[0]]
         # A segment's starting weights go to the cluster once; ranks fetch them
         # from there. A start without weights (the fit's first segment) is a
-        # few kilobytes: it rides in the ranks' tasks, a round of tasks fewer.
-        held = self.hold(start) if start.module_state is not None else start
+        # few kilobytes: it rides in the ranks' tasks, a round of tasks fewer,
+        # sealed like a held value (its damper's class may be one that only
+        # the workers can import).
+        held = self.hold(start) if start.module_state is not None else Sealed(start)
         futures: list = [
             self.client.submit(
                 run_segment,
@@ -243,7 +246,7 @@ class DecentralizedEngine(DaskEngine):
             )
             for rank, address in enumerate(workers)
         ]
-        if held is not start:
+        if not isinstance(held, Sealed):
             futures.append(held)
         self._running = _Running(start.token, workers, start.target_workers, futures)
         self.await_payload()
