@@ -28,9 +28,9 @@ Each figure is the median over ``--repeats`` interleaved repeats, and
 each ratio the median of the repeats' own ratios (:func:`paired`). In
 every repeat ``plain`` and ``plain_worker`` run right beside
 ``decentralized_1w``, in turns before and after it. Two processes running
-the same loop differ here by up to 16% for their whole life (eight fresh
-processes: 2.19 to 3.04 ms per small update), so the engine on one worker
-is compared with the loop in its own process as well as in this one.
+the same loop differ here by as much as 39% (eight fresh processes: medians
+of 2.19 to 3.04 ms per small update), so the engine on one worker is
+compared with the loop in its own process as well as in this one.
 ``ms_per_update_wall`` is a whole fit's wall-clock (cluster work, process
 groups and the first epoch included; for DDP, from building the model to its
 last update) divided by its updates. Every process that trains has built one
