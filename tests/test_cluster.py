@@ -74,6 +74,11 @@ def _assert_left_nothing(children_before: set[int], threads_before: set[int], ad
 # --- embedded clusters (worker processes) -----------------------------------
 
 
+def _samples_profiles(dask_worker) -> bool:
+    """Whether a Dask worker runs its statistical profiler (a ``client.run`` function)."""
+    return "profile" in dask_worker.periodic_callbacks
+
+
 def test_none_without_client_starts_embedded_cluster_and_closes_it():
     assert current_client() is None, "a default Dask client from another test is still open"
     children, threads = _children(), _threads()
@@ -106,6 +111,9 @@ def test_embedded_cluster_scales_and_closes_on_error():
             assert scaler.scale_to(2) == 2
             assert _worker_count(handle.client) == 2
             assert len(scaler.workers()) == 2
+            # Nobody can look at profiles of an embedded cluster: its
+            # workers, those started by scaling too, do not sample them.
+            assert handle.client.run(_samples_profiles) == dict.fromkeys(scaler.workers(), False)
             assert scaler.scale_to(1) == 1
             assert _worker_count(handle.client) == 1
             assert scaler.n_workers == 1
