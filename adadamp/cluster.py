@@ -340,7 +340,8 @@ def cluster_client(
             # Without a dashboard nobody sees the workers' statistical
             # profiles, and sampling the training thread's stack every 10 ms
             # made a small model's fits about 4% slower. A dotted key: the
-            # nanny merges this into Dask's settings key by key at the top.
+            # nanny's merge is shallow, and a nested {"distributed": ...}
+            # would replace every other distributed setting in the workers.
             config={"distributed.worker.profile.enabled": False},
         )
         stack.callback(cluster.close)
