@@ -223,6 +223,14 @@ def current_client() -> Client | None:
     return client
 
 
+# Dask settings of the embedded cluster's workers. Without a dashboard nobody
+# sees the workers' statistical profiles, and sampling the training thread's
+# stack every 10 ms made a small model's fits about 4% slower. A dotted key:
+# the nanny's merge is shallow, and a nested {"distributed": ...} would
+# replace every other distributed setting in the workers.
+EMBEDDED_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
 @contextlib.contextmanager
 def cluster_client(
     client: Client | str | None,
@@ -337,12 +345,7 @@ def cluster_client(
             # LocalCluster would size memory for the starting count only;
             # size it for the most workers the cluster may grow to.
             memory_limit=max(1, MEMORY_LIMIT // limit),
-            # Without a dashboard nobody sees the workers' statistical
-            # profiles, and sampling the training thread's stack every 10 ms
-            # made a small model's fits about 4% slower. A dotted key: the
-            # nanny's merge is shallow, and a nested {"distributed": ...}
-            # would replace every other distributed setting in the workers.
-            config={"distributed.worker.profile.enabled": False},
+            config=EMBEDDED_WORKER_CONFIG,
         )
         stack.callback(cluster.close)
         # Not made the default client: the fit passes the handle's client

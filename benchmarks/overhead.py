@@ -40,9 +40,16 @@ one imports torch's compiler stack, a second or more.
 trains (of all Dask workers for the Dask engines, over the whole fit; rank 0
 for DDP) per update.
 
-All Dask runs share one ``LocalCluster`` (worker processes, one thread each)
-and its client, scaled to the worker count before each fit, untimed; the
-estimators get ``min_workers = max_workers``. Before every timed run (each
+All Dask runs share one ``LocalCluster`` (worker processes, one thread each,
+Dask's statistical profiler off as on the embedded cluster:
+``--worker-profiler`` keeps it on) and its client, scaled to the worker
+count before each fit, untimed; the estimators get ``min_workers =
+max_workers``. Everything that trains in one process (``plain``,
+``plain_worker``, ``local``, ``decentralized_1w``) trains on one core, the
+same for all: the training thread is pinned to it during the run
+(``--no-pin`` leaves it to the system). On this machine the same loop ran
+about 20% slower pinned to one core than to the other, and two processes
+left to the system differed by as much. Before every timed run (each
 engine, DDP's ranks too) this process collects its garbage and freezes
 what it holds, untimed, as ``adadamp compare`` does before each of its runs
 (:func:`adadamp.experiments.runtime.freeze_what_is_held`): a full
@@ -64,6 +71,7 @@ It prints the figures and writes ``benchmarks/results/overhead.json``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -75,6 +83,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from functools import partial
@@ -227,6 +236,53 @@ def glibc_mallopt() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     if not (libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)):
         raise RuntimeError("mallopt failed")
+
+
+def pin_thread(cores: set[int]) -> tuple[int, set[int]]:
+    """Pin the calling thread to ``cores``; returns its native id and the cores it had."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    return threading.get_native_id(), before
+
+
+@contextlib.contextmanager
+def pinned(core: int | None):
+    """The calling thread on ``core`` alone meanwhile (None: left as it is)."""
+    if core is None:
+        yield
+        return
+    _, before = pin_thread({core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def worker_pinned(client, core: int | None):
+    """The one worker's task thread on ``core`` alone meanwhile (None: left as it is).
+
+    A worker with one thread runs every task on the same thread of its pool,
+    so a task that pins its own thread pins the fits that follow it; the
+    task that undoes it checks that the thread is still the same.
+    """
+    if core is None:
+        yield
+        return
+    from adadamp.scaling import available_workers
+
+    (address,) = available_workers(client)
+
+    def on_worker(*args):
+        return client.submit(*args, workers=[address], pure=False).result()
+
+    thread, before = on_worker(pin_thread, {core})
+    try:
+        yield
+    finally:
+        after, _ = on_worker(pin_thread, before)
+        if after != thread:
+            raise RuntimeError("the worker's task thread changed while it was pinned")
 
 
 # --------------------------------------------------------------- plain loops
@@ -618,6 +674,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="diagnostic: in the Dask workers, undo the MALLOC_TRIM_THRESHOLD_=65536 "
         "that Dask's nanny sets (glibc mallopt), to see what its page faults cost",
     )
+    parser.add_argument(
+        "--worker-profiler",
+        action="store_true",
+        help="diagnostic: keep Dask's statistical profiler on in the workers (Dask's default; "
+        "the embedded cluster's workers, and by default this benchmark's, run without it)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="diagnostic: leave the one-worker runs' training threads on whichever core "
+        "the system gives them (by default all train on one core, the same for all)",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -663,13 +731,18 @@ def main(argv: list[str] | None = None) -> dict:
     # Dask warns when a task carries a large argument (the larger model's
     # state); the warning would only break up the printed figures.
     warnings.filterwarnings("ignore", message="Sending large graph")
+    from adadamp.cluster import EMBEDDED_WORKER_CONFIG
+
     cluster = LocalCluster(
         n_workers=2,
         processes=True,
         threads_per_worker=1,
         dashboard_address=None,
         silence_logs=logging.ERROR,
+        config={} if args.worker_profiler else EMBEDDED_WORKER_CONFIG,
     )
+    # The core that every one-worker run trains on (see "Cores" in the README).
+    core = None if args.no_pin else max(os.sched_getaffinity(0))
     client = Client(cluster)
     try:
         # An untimed decentralized fit per worker count: warms the workers up
@@ -705,14 +778,21 @@ def main(argv: list[str] | None = None) -> dict:
                         ),
                         "local": partial(fit, "local", threads=threads[1]),
                     }
-                    order = [f"decentralized_{w}w", f"centralized_{w}w"]
-                    if w == 1:
-                        # The baselines right beside the engine, each before
-                        # and after it in turns (see paired()).
-                        trio = ["plain", "decentralized_1w", "plain_worker"]
-                        order = [*trio[:: 1 - 2 * (rep % 2)], "local", "centralized_1w"]
-                    for name in order:
-                        record(name, size, run[name]())
+                    if w == 2:
+                        for name in ("decentralized_2w", "centralized_2w"):
+                            record(name, size, run[name]())
+                        continue
+                    # The baselines right beside the engine, each before and
+                    # after it in turns (see paired()); all that trains in one
+                    # process on one core, the same core.
+                    trio = ["plain", "decentralized_1w", "plain_worker"]
+                    with worker_pinned(client, core):
+                        for name in [*trio[:: 1 - 2 * (rep % 2)], "local"]:
+                            # Only the runs that train in this process pin it.
+                            here = name in ("plain", "local")
+                            with pinned(core if here else None):
+                                record(name, size, run[name]())
+                    record("centralized_1w", size, run["centralized_1w"]())
             for size, out in run_ddp({size: job(size) for size in SIZES}, threads[2]).items():
                 record("ddp_2p", size, out)
     finally:
@@ -770,6 +850,8 @@ def main(argv: list[str] | None = None) -> dict:
             "not_counted": "the first epoch, and the first update of every other epoch",
             "repeats": repeats,
             "worker_mallopt": args.worker_mallopt,
+            "worker_profiler": args.worker_profiler,
+            "one_worker_core": core,
         },
         "ms_per_update": ms,
         "ms_per_update_p50": p50,
