@@ -741,7 +741,8 @@ def main(argv: list[str] | None = None) -> dict:
         silence_logs=logging.ERROR,
         config={} if args.worker_profiler else EMBEDDED_WORKER_CONFIG,
     )
-    # The core that every one-worker run trains on (see "Cores" in the README).
+    # The core that every one-worker run trains on (see "Cores and the profiler"
+    # in benchmarks/README.md).
     core = None if args.no_pin else max(os.sched_getaffinity(0))
     client = Client(cluster)
     try:
