@@ -238,6 +238,14 @@ def glibc_mallopt() -> None:
         raise RuntimeError("mallopt failed")
 
 
+def on_the_one_worker(client, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` in a task on the cluster's only worker; its result."""
+    from adadamp.scaling import available_workers
+
+    (address,) = available_workers(client)
+    return client.submit(function, *args, workers=[address], pure=False, **kwargs).result()
+
+
 def pin_thread(cores: set[int]) -> tuple[int, set[int]]:
     """Pin the calling thread to ``cores``; returns its native id and the cores it had."""
     before = os.sched_getaffinity(0)
@@ -269,18 +277,11 @@ def worker_pinned(client, core: int | None):
     if core is None:
         yield
         return
-    from adadamp.scaling import available_workers
-
-    (address,) = available_workers(client)
-
-    def on_worker(*args):
-        return client.submit(*args, workers=[address], pure=False).result()
-
-    thread, before = on_worker(pin_thread, {core})
+    thread, before = on_the_one_worker(client, pin_thread, {core})
     try:
         yield
     finally:
-        after, _ = on_worker(pin_thread, before)
+        after, _ = on_the_one_worker(client, pin_thread, before)
         if after != thread:
             raise RuntimeError("the worker's task thread changed while it was pinned")
 
@@ -340,12 +341,7 @@ def run_plain(
 def run_plain_on_worker(client, hidden, X: np.ndarray, y: np.ndarray, epochs: int, threads: int):
     """:func:`run_plain` in a task on the cluster's one worker: the plain loop
     in the very process that a one-worker fit trains in."""
-    from adadamp.scaling import available_workers
-
-    (address,) = available_workers(client)
-    return client.submit(
-        run_plain, hidden, X, y, epochs, threads, freeze=False, workers=[address], pure=False
-    ).result()
+    return on_the_one_worker(client, run_plain, hidden, X, y, epochs, threads, freeze=False)
 
 
 def _ddp_rank(rank: int, world: int, port: int, threads: int, jobs: dict, out: str) -> None:
